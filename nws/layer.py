@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nws.search import Certificates
+from nws.search import Certificates, ScalarLookup, searcher_for
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -60,7 +60,7 @@ class NWSLayer(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.register_buffer("pool", pool.detach().clone().float())
-        self._certs: Certificates | None = None
+        self._certs: Certificates | ScalarLookup | None = None
         self._selected: torch.Tensor | None = None
         self._key: tuple | None = None
 
@@ -105,12 +105,12 @@ class NWSLayer(nn.Module):
         if self._key == key:
             return self._certs.index
         if self._key is None or self._key[3] != key[3]:  # new pool: start afresh
-            self._certs, self._selected = Certificates(self.pool.detach()), None
+            self._certs, self._selected = searcher_for(self.pool.detach()), None
         index, changed = self._certs.update(self.rows(), hint=hint)
-        if self._selected is None:
-            self._selected = self.pool.detach()[index]
+        if self._selected is None or changed is None:  # None: every row was looked up
+            self._selected = self._certs.lookup(index)
         elif changed.numel():
-            self._selected[changed] = self.pool.detach()[index[changed]]
+            self._selected.index_copy_(0, changed, self._certs.lookup(index[changed]))
         self._key = key
         return index
 

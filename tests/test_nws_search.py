@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nws.search import Certificates, nearest, nearest_index
+from nws.search import Certificates, ScalarLookup, nearest, nearest_index
 
 
 def brute_force(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
@@ -98,3 +98,64 @@ def test_scalar_pools_use_sorted_search_with_exact_ties() -> None:
     got = nearest(probe, ints)
     assert got.index.tolist() == brute_force(probe, ints).tolist() == [0, 0, 0, 1, 2, 1]
     torch.testing.assert_close(got.d2, torch.tensor([1.0, 1.0, 2.0, 3.0, 3.0, 1.6]))
+
+
+def cell_boundary_distance(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Float64 distance from each row to the boundary of its nearest entry's Voronoi cell."""
+    r, p = rows.double(), pool.double()
+    d2 = (r[:, None, :] - p[None]).pow(2).sum(-1)
+    best = d2.argmin(1)
+    gap = (p[best][:, None, :] - p[None]).norm(dim=-1)
+    bisector = (d2 - d2.gather(1, best[:, None])) / (2 * gap)
+    bisector[torch.arange(len(rows)), best] = float("inf")
+    return bisector.amin(1)
+
+
+def test_certificate_radius_is_the_cell_distance_and_never_more() -> None:
+    g = torch.Generator().manual_seed(7)
+    pool = torch.randn(256, 9, generator=g)
+    rows = torch.randn(3000, 9, generator=g) * 1.5
+    certs = Certificates(pool)
+    certs.update(rows)
+    exact = cell_boundary_distance(rows, pool).float()
+    assert (certs.radius <= exact).all()  # a radius past the boundary would be a wrong skip
+    # Below it by the rounding allowance only (~1e-4 at these norms, far less for real weights).
+    torch.testing.assert_close(certs.radius, exact, rtol=1e-4, atol=5e-4)
+    half_gap = nearest(rows, pool)
+    # The cell distance is never below the half gap (d2 - d1) / 2 and usually well above it.
+    assert (certs.radius >= (half_gap.d2 - half_gap.d1) / 2 - 1e-3).all()
+    assert (certs.radius > 1.5 * (half_gap.d2 - half_gap.d1) / 2).float().mean() > 0.3
+
+
+def scalar_brute_force(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    return (x.double()[:, None] - pool.double()[None, :, 0]).abs().argmin(1)
+
+
+def test_scalar_lookup_is_exact_on_clusters_duplicates_and_midpoints() -> None:
+    g = torch.Generator().manual_seed(8)
+    pool = torch.randn(512, 1, generator=g) * 0.05
+    pool[:40] = torch.randint(-20, 20, (40, 1), generator=g) / 1000  # clustered + duplicates
+    pool[300] = pool[10]
+    values = torch.unique(pool[:, 0])
+    mids = ((values[:-1].double() + values[1:].double()) / 2).float()
+    x = torch.cat([torch.randn(100_000, generator=g) * 0.05, pool[:, 0], mids,
+                   torch.randint(-40, 40, (2000,), generator=g) / 2000])
+    lookup = ScalarLookup(pool)
+    index, changed = lookup.update(x[:, None])
+    assert changed is None and lookup.several  # every row looked up; the slow path exercised
+    assert torch.equal(index, scalar_brute_force(x, pool))
+    assert torch.equal(lookup.lookup(index), pool[index])
+    ints = torch.tensor([[2.0], [0.0], [4.0], [2.0], [0.0]])  # ties: lowest index
+    probe = torch.tensor([[1.0], [3.0], [2.0], [-1.0], [5.0], [0.4]])
+    assert ScalarLookup(ints).update(probe)[0].tolist() == [0, 0, 0, 1, 2, 1]
+
+
+def test_scalar_lookup_far_values_and_degenerate_pools() -> None:
+    pool = torch.tensor([[0.5], [-0.25], [0.125]])
+    far = torch.tensor([[1e30], [-1e30], [float("inf")], [float("nan")]])
+    assert ScalarLookup(pool).update(far)[0].tolist()[:3] == [0, 1, 0]  # NaN: some index
+    assert ScalarLookup(torch.ones(4, 1)).update(far)[0][:3].tolist() == [0, 0, 0]
+    narrow = torch.tensor([[1.0], [1.0 + 2**-23]])  # one ulp apart: no room for bins
+    lookup = ScalarLookup(narrow)
+    assert lookup.cell is None
+    assert lookup.update(torch.tensor([[0.0], [1.0 + 2**-22]]))[0].tolist() == [0, 1]

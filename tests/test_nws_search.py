@@ -159,3 +159,33 @@ def test_scalar_lookup_far_values_and_degenerate_pools() -> None:
     lookup = ScalarLookup(narrow)
     assert lookup.cell is None
     assert lookup.update(torch.tensor([[0.0], [1.0 + 2**-22]]))[0].tolist() == [0, 1]
+
+
+def test_search_stays_float32_under_autocast() -> None:
+    """The search runs inside the forward pass: under bf16 AMP it must still be exact."""
+    g = torch.Generator().manual_seed(9)
+    pool, rows = torch.randn(512, 9, generator=g), torch.randn(4000, 9, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        index, _ = Certificates(pool).update(rows)
+        plain = nearest_index(rows, pool)
+    assert torch.equal(index, brute_force(rows, pool))
+    assert torch.equal(plain, brute_force(rows, pool))
+
+
+def test_rows_past_their_radius_are_tested_on_the_nearest_planes() -> None:
+    """Moves past the cell radius but short of ``beyond``: most rows are certified by the
+    exact test on their nearest bisector planes, and every index stays the brute-force one."""
+    g = torch.Generator().manual_seed(10)
+    pool = torch.randn(512, 9, generator=g)
+    rows = torch.randn(4000, 9, generator=g)
+    certs = Certificates(pool)
+    certs.update(rows)
+    step = torch.randn(rows.shape, generator=g)
+    step = step / step.norm(dim=1, keepdim=True) * (1.5 * certs.radius[:, None])
+    moved = rows + step
+    past = (step.norm(dim=1) >= certs.radius).sum()
+    index, searched = certs.update(moved)
+    assert torch.equal(index, brute_force(moved, pool))
+    changed = (index != brute_force(rows, pool)).sum()
+    assert past > 3000 and searched.numel() < past / 2  # the planes certified most of them
+    assert searched.numel() >= changed  # every row whose entry changed was searched

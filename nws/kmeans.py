@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from nws.convert import Pools, convertible_layers, kernel_rows
-from nws.search import nearest
+from nws.search import nearest_index
 
 
 @torch.no_grad()
@@ -27,14 +27,16 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 20, max_points: int | N
         return torch.cat([distinct, fill])
     centroids = distinct[torch.randperm(len(distinct), generator=generator)[:k]].clone()
     for _ in range(iters):
-        found = nearest(points, centroids)
-        counts = torch.bincount(found.index, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, found.index, points)
+        index = nearest_index(points, centroids)
+        counts = torch.bincount(index, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, index, points)
         empty = torch.nonzero(counts == 0).squeeze(1)
+        if empty.numel():  # distances only when an empty cluster needs the farthest points
+            d1 = (points - centroids[index]).norm(dim=1)
         moved = counts > 0
         centroids[moved] = sums[moved] / counts[moved, None].to(sums.dtype)
         if empty.numel():
-            far = torch.argsort(found.d1, descending=True, stable=True)[: empty.numel()]
+            far = torch.argsort(d1, descending=True, stable=True)[: empty.numel()]
             centroids[empty] = points[far]
     return centroids
 

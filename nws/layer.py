@@ -151,6 +151,14 @@ class NWSLayer(nn.Module):
         """The plain module with the selected kernels (what inference runs)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _filled(self, plain: nn.Module) -> nn.Module:
+        """``plain`` (same shape as this layer) with K as its weight and this layer's bias."""
+        plain.weight.copy_(self.selected())
+        if self.bias is not None:
+            plain.bias.copy_(self.bias)
+        return plain.to(self.weight.device)
+
 
 class NWSConv2d(NWSLayer):
     """An NWS convolution (grouped and depthwise convolutions included)."""
@@ -169,13 +177,9 @@ class NWSConv2d(NWSLayer):
 
     def to_plain(self) -> nn.Conv2d:
         out, _, kh, kw = self.weight.shape
-        conv = nn.Conv2d(self.in_channels, out, (kh, kw), self.stride, self.padding,
-                         self.dilation, self.groups, bias=self.bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(self.selected())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv.to(self.weight.device)
+        return self._filled(nn.Conv2d(self.in_channels, out, (kh, kw), self.stride,
+                                      self.padding, self.dilation, self.groups,
+                                      bias=self.bias is not None))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel={tuple(self.weight.shape[2:])}"
@@ -190,12 +194,7 @@ class NWSLinear(NWSLayer):
 
     def to_plain(self) -> nn.Linear:
         out, inp = self.weight.shape
-        lin = nn.Linear(inp, out, bias=self.bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(self.selected())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.to(self.weight.device)
+        return self._filled(nn.Linear(inp, out, bias=self.bias is not None))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, pool={tuple(self.pool.shape)}"

@@ -59,6 +59,18 @@ def _pool_sq_norms(pool: torch.Tensor) -> torch.Tensor:
     return pool.pow(2).sum(1)
 
 
+def _expanded_pool(pool: torch.Tensor, pool_sq: torch.Tensor) -> torch.Tensor:
+    """[-2p, ||p||^2]^T, (D + 1, n): with :func:`_with_ones` rows, one product gives
+    ||p||^2 - 2 w.p per entry (the row's own ||w||^2 does not change its argmin). A single
+    product, because addmm's broadcast bias costs an extra pass over the matrix on CPU."""
+    return torch.cat([pool * -2.0, pool_sq[:, None]], 1).t().contiguous()
+
+
+def _with_ones(rows: torch.Tensor) -> torch.Tensor:
+    """[w, 1], (d, D + 1)."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+
+
 def nearest_index(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int = CHUNK_ROWS,
                   pool_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest pool entry for every row (ties: lowest index)."""
@@ -67,7 +79,7 @@ def nearest_index(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int = CHUNK_
 
 def nearest(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int = CHUNK_ROWS,
             pool_sq: torch.Tensor | None = None) -> Nearest:
-    """Nearest index plus the nearest and second-nearest distances (for certificates)."""
+    """Nearest index plus the nearest and second-nearest distances (direct differences)."""
     return _search(rows, pool, chunk=chunk, pool_sq=pool_sq, second=True)
 
 
@@ -91,10 +103,7 @@ def _search_chunks(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int,
     index = torch.empty(d, dtype=torch.long, device=rows.device)
     d1 = torch.empty(d if second else 0, dtype=rows.dtype, device=rows.device)
     d2 = torch.empty_like(d1)
-    # ||p||^2 - 2 w.p as one product [w, 1] [-2p, ||p||^2]^T (the row's own ||w||^2 does not
-    # change its argmin); addmm's broadcast bias costs an extra pass over the matrix on CPU.
-    pool_aug = torch.cat([pool * -2.0, pool_sq[:, None]], 1).t().contiguous()
-    rows_aug = torch.cat([rows, rows.new_ones(d, 1)], 1)
+    pool_aug, rows_aug = _expanded_pool(pool, pool_sq), _with_ones(rows)
     block = _block_size(pool.shape[0])
     for start in range(0, d, chunk):
         w = rows[start : start + chunk]
@@ -209,7 +218,7 @@ class Certificates:
 
     def __init__(self, pool: torch.Tensor) -> None:
         self.pool = pool
-        self.cells = _Cells(pool, _pool_sq_norms(pool))
+        self.cells = _Cells(pool)
         self.anchor: torch.Tensor | None = None  # rows at their last search
         self.cell: Cell | None = None
         self.searched_last = 0  # rows searched in the last update (for diagnostics)
@@ -314,13 +323,14 @@ class _Cells:
     entry are left out: the lowest-index copy always wins, so a later copy bounds nothing.
     """
 
-    def __init__(self, pool: torch.Tensor, pool_sq: torch.Tensor) -> None:
+    def __init__(self, pool: torch.Tensor) -> None:
         n, dim = pool.shape
+        pool_sq = _pool_sq_norms(pool)
         gaps = torch.cdist(pool.double(), pool.double())
         same = gaps == 0
         later_copy = (same & torch.ones_like(same).tril(-1)).any(1)  # equals a lower index
         sq = pool_sq.masked_fill(later_copy, float("inf"))  # never nearest, bounds nothing
-        self.pool_aug = torch.cat([pool * -2.0, sq[:, None]], 1).t().contiguous()
+        self.pool_aug = _expanded_pool(pool, sq)
         # 1 / (2 ||p_j - p_i||); on the diagonal any finite value (d_i is set to inf there).
         self.inv_gap = (0.5 / gaps).masked_fill_(torch.eye(n, dtype=torch.bool,
                                                            device=pool.device), 1.0).float()
@@ -337,7 +347,7 @@ class _Cells:
         cell = Cell(torch.empty(d, dtype=torch.long, device=rows.device), rows.new_empty(d),
                     torch.empty(d, PLANES, dtype=torch.int32, device=rows.device),
                     rows.new_empty(d))
-        rows_aug = torch.cat([rows, rows.new_ones(d, 1)], 1)
+        rows_aug = _with_ones(rows)
         # |rounding error| of one expanded distance (a dot product of dim + 1 terms) is at
         # most (dim + 1) u (||w||^2 + 3 max||p||^2), u = eps / 2; two enter each difference;
         # this allowance is 4x that bound or more.

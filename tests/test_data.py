@@ -130,6 +130,17 @@ def test_split_digits_is_real_fixed_and_balanced():
     assert not any(bytes(x.numpy()) in tr for x in bench.tasks[0].test.images)
 
 
+def test_split_digits_size_option_keeps_the_split_and_rejects_odd_sizes():
+    small, full = (BENCHMARKS.get("split_digits")(None, size=s) for s in (16, 32))
+    assert small.input_size == 16
+    for t, u in zip(small.tasks, full.tasks, strict=True):
+        assert t.train.images.shape[1:] == (3, 16, 16)
+        assert torch.equal(t.train.labels, u.train.labels)  # same images, same split
+        assert t.train[0][0].shape == (3, 16, 16)  # the crop keeps the size
+    with pytest.raises(ValueError, match="multiple of 8"):
+        BENCHMARKS.get("split_digits")(None, size=20)
+
+
 def test_synthetic_is_marked_and_unknown_benchmarks_list_valid_names():
     assert BENCHMARKS.get("synthetic")(None).synthetic
     with pytest.raises(UnknownNameError, match="split_digits, split_cifar100"):

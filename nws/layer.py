@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nws.search import Certificates, ScalarLookup, searcher_for
+from nws.search import Searcher, searcher_for
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -60,7 +60,7 @@ class NWSLayer(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.register_buffer("pool", pool.detach().clone().float())
-        self._certs: Certificates | ScalarLookup | None = None
+        self._certs: Searcher | None = None
         self._selected: torch.Tensor | None = None
         self._key: tuple | None = None
 
@@ -101,18 +101,23 @@ class NWSLayer(nn.Module):
         """Indices of the selected pool entries (exact; recomputed only where needed).
 
         ``hint``: indices W is believed to be a lookup of (see :meth:`start_from`)."""
+        self._refresh(hint)
+        return self._certs.index
+
+    def _refresh(self, hint: torch.Tensor | None = None) -> None:
+        """Bring the search and K up to date with W and the pool."""
         key = self._state_key()
         if self._key == key:
-            return self._certs.index
+            return
         if self._key is None or self._key[3] != key[3]:  # new pool: start afresh
-            self._certs, self._selected = searcher_for(self.pool.detach()), None
-        index, changed = self._certs.update(self.rows(), hint=hint)
+            self._certs = searcher_for(self.pool.detach(), self.num_groups)
+            self._selected = None
+        changed = self._certs.update(self.rows(), hint=hint)
         if self._selected is None or changed is None:  # None: every row was looked up
-            self._selected = self._certs.lookup(index)
+            self._selected = self._certs.kernels()
         elif changed.numel():
-            self._selected.index_copy_(0, changed, self._certs.lookup(index[changed]))
+            self._selected.index_copy_(0, changed, self._certs.kernels(changed))
         self._key = key
-        return index
 
     @torch.no_grad()
     def start_from(self, index: torch.Tensor) -> None:
@@ -124,7 +129,8 @@ class NWSLayer(nn.Module):
 
     def selected(self) -> torch.Tensor:
         """K, shaped like W (no gradient; the pool is a lookup table)."""
-        self.search()
+        with torch.no_grad():
+            self._refresh()
         return self._selected.view_as(self.weight)
 
     def indices(self) -> torch.Tensor:

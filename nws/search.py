@@ -24,6 +24,7 @@ Searches run in float32 even inside an autocast (AMP) region: see :func:`full_pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -99,21 +100,35 @@ def _search_chunks(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int,
     if pool.shape[1] == 1:
         return _search_scalar(rows[:, 0], pool[:, 0])
     pool_sq = _pool_sq_norms(pool) if pool_sq is None else pool_sq
+    pool_aug = _expanded_pool(pool, pool_sq)
+    if not second:
+        index = _argmin_chunks(rows, pool_aug, chunk)
+        return Nearest(index, index.new_empty(0, dtype=rows.dtype),
+                       index.new_empty(0, dtype=rows.dtype))
     d = rows.shape[0]
     index = torch.empty(d, dtype=torch.long, device=rows.device)
-    d1 = torch.empty(d if second else 0, dtype=rows.dtype, device=rows.device)
+    d1 = torch.empty(d, dtype=rows.dtype, device=rows.device)
     d2 = torch.empty_like(d1)
-    pool_aug, rows_aug = _expanded_pool(pool, pool_sq), _with_ones(rows)
-    block = _block_size(pool.shape[0])
+    rows_aug, block = _with_ones(rows), _block_size(pool.shape[0])
     for start in range(0, d, chunk):
-        w = rows[start : start + chunk]
-        dist = rows_aug[start : start + chunk] @ pool_aug
-        best, runner = _first_two_min(dist, block, second)
-        index[start : start + chunk] = best
-        if second:
-            d1[start : start + chunk] = (w - pool[best]).norm(dim=1)
-            d2[start : start + chunk] = (w - pool[runner]).norm(dim=1)
+        part = slice(start, start + chunk)
+        best, runner = _first_two_min(rows_aug[part] @ pool_aug, block, True)
+        index[part] = best
+        d1[part] = (rows[part] - pool[best]).norm(dim=1)
+        d2[part] = (rows[part] - pool[runner]).norm(dim=1)
     return Nearest(index, d1, d2)
+
+
+def _argmin_chunks(rows: torch.Tensor, pool_aug: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Nearest entry of every row, given the pool's :func:`_expanded_pool` (ties: lowest)."""
+    block, rows_aug = _block_size(pool_aug.shape[1]), _with_ones(rows)
+    if rows.shape[0] <= chunk:
+        return _first_two_min(rows_aug @ pool_aug, block, False)[0]
+    index = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    for start in range(0, rows.shape[0], chunk):
+        part = slice(start, start + chunk)
+        index[part] = _first_two_min(rows_aug[part] @ pool_aug, block, False)[0]
+    return index
 
 
 def _block_size(n: int) -> int:
@@ -184,9 +199,73 @@ def _search_scalar(x: torch.Tensor, pool: torch.Tensor) -> Nearest:
     return Nearest(index, d1.squeeze(1), d2)
 
 
-def searcher_for(pool: torch.Tensor) -> Certificates | ScalarLookup:
-    """The incremental searcher a layer with this pool uses (scalar pools: table lookup)."""
-    return ScalarLookup(pool) if pool.shape[1] == 1 else Certificates(pool)
+class Searcher(Protocol):
+    """What a layer asks of its search (:func:`searcher_for` picks the implementation)."""
+
+    searched_last: int  # rows searched or looked up by the last update (diagnostics)
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """Every row's pool index (lowest among equally near entries), as of the last update."""
+
+    def update(self, rows: torch.Tensor, *, hint: torch.Tensor | None = None,
+               chunk: int = CHUNK_ROWS) -> torch.Tensor | None:
+        """Bring the search up to date with ``rows``; the positions whose entry was
+        recomputed (None: all of them). ``hint``: indices the rows are believed to be copies
+        of (first call)."""
+
+    def kernels(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected pool rows: of every row, or of the rows at ``where``."""
+
+
+# Layers with at most this many rows are searched in full at every call (:class:`FullSearch`):
+# below it, the certificates' ~40 small tensor operations per call cost more than the search
+# they save. Measured in NWS training steps on this project's 2-core CPU (see FullSearch).
+SMALL_LAYER_ROWS = 8192
+
+
+def searcher_for(pool: torch.Tensor, num_rows: int) -> Searcher:
+    """The searcher a layer of ``num_rows`` rows uses with this pool: table lookup for scalar
+    pools, a full search per call for small layers, certificates otherwise."""
+    if pool.shape[1] == 1:
+        return ScalarLookup(pool)
+    return FullSearch(pool) if num_rows <= SMALL_LAYER_ROWS else Certificates(pool)
+
+
+class _VectorSearcher:
+    """What :class:`FullSearch` and :class:`Certificates` share: the pool and its lookups."""
+
+    index: torch.Tensor | None
+
+    def __init__(self, pool: torch.Tensor) -> None:
+        self.pool = pool
+        self.searched_last = 0  # rows searched in the last update (for diagnostics)
+
+    def kernels(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected pool rows: of every row, or of the rows at ``where``."""
+        index = self.index if where is None else self.index.index_select(0, where)
+        return self.pool.index_select(0, index)
+
+
+class FullSearch(_VectorSearcher):
+    """Every row searched at every call: for small layers (MobileNetV2's depthwise convs, the
+    stems), where one product and argmin cost less than keeping certificates up to date."""
+
+    def __init__(self, pool: torch.Tensor) -> None:
+        super().__init__(pool)
+        self.pool_aug = _expanded_pool(pool, _pool_sq_norms(pool))
+        self.index = None  # the last search
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, *, hint: torch.Tensor | None = None,
+               chunk: int = CHUNK_ROWS) -> None:
+        """Exact indices for every row (None: all were recomputed). ``hint`` is accepted for
+        :class:`Certificates`' interface."""
+        rows = rows.detach().to(self.pool.dtype)
+        with full_precision(rows.device):
+            self.index = _argmin_chunks(rows, self.pool_aug, chunk)
+        self.searched_last = rows.shape[0]
+        return None
 
 
 # Bisector planes a certificate checks exactly before falling back to a search (see
@@ -196,17 +275,40 @@ def searcher_for(pool: torch.Tensor) -> Certificates | ScalarLookup:
 PLANES = 2
 
 
+_HALF_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _down16(x: torch.Tensor) -> torch.Tensor:
+    """float16 no larger than ``x``: a lower bound stays a lower bound at half the memory.
+
+    Rounding to nearest moves a value by at most 2^-11 of itself (normal range) or 2^-25
+    (subnormal), so shrinking by 2^-10 relative and 2^-24 absolute first keeps the result
+    below ``x``; the clamp keeps large values finite. Four plain passes: cheaper on CPU than
+    a round-down by comparison and ``nextafter``. A negative result only forces a re-test.
+    """
+    return x.mul(1 - 2.0**-10).sub_(2.0**-24).clamp_(max=_HALF_MAX).half()
+
+
 @dataclass
 class Cell:
-    """Where each row sits in its nearest entry's Voronoi cell."""
+    """Where each row sits in its nearest entry's Voronoi cell. Compact: the distances are
+    float16 rounded down (see :func:`_down16`), indices int32, planes int16 where they fit."""
 
-    index: torch.Tensor  # (d,) nearest entry (lowest index on ties)
+    index: torch.Tensor  # (d,) int32 nearest entry (lowest index on ties)
     radius: torch.Tensor  # (d,) distance to the nearest bisector plane: the cell boundary
-    planes: torch.Tensor  # (d, PLANES) int32: entries of the nearest bisectors (index: none)
+    planes: torch.Tensor  # (d, PLANES): entries of the nearest bisectors (index: none)
     beyond: torch.Tensor  # (d,) distance to every other bisector plane
 
+    @classmethod
+    def zeros(cls, d: int, pool_size: int, device: torch.device) -> Cell:
+        plane_type = torch.int16 if pool_size <= torch.iinfo(torch.int16).max else torch.int32
+        return cls(torch.zeros(d, dtype=torch.int32, device=device),
+                   torch.zeros(d, dtype=torch.float16, device=device),
+                   torch.zeros(d, PLANES, dtype=plane_type, device=device),
+                   torch.zeros(d, dtype=torch.float16, device=device))
 
-class Certificates:
+
+class Certificates(_VectorSearcher):
     """Incremental exact search: each row keeps its nearest entry while a certificate holds.
 
     A row that moved less than ``radius`` from its anchor (where it was last certified) is
@@ -217,22 +319,22 @@ class Certificates:
     """
 
     def __init__(self, pool: torch.Tensor) -> None:
-        self.pool = pool
+        super().__init__(pool)
         self.cells = _Cells(pool)
         self.anchor: torch.Tensor | None = None  # rows at their last search
         self.cell: Cell | None = None
-        self.searched_last = 0  # rows searched in the last update (for diagnostics)
 
     @property
     def index(self) -> torch.Tensor | None:
-        return None if self.cell is None else self.cell.index
+        return None if self.cell is None else self.cell.index.long()
 
     @property
     def radius(self) -> torch.Tensor | None:
         return None if self.cell is None else self.cell.radius
 
-    def lookup(self, index: torch.Tensor) -> torch.Tensor:
-        """Pool rows at ``index``."""
+    def kernels(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected pool rows: of every row, or of the rows at ``where`` (int32 lookups)."""
+        index = self.cell.index if where is None else self.cell.index.index_select(0, where)
         return self.pool.index_select(0, index)
 
     def _start(self, rows: torch.Tensor, hint: torch.Tensor | None, chunk: int) -> torch.Tensor:
@@ -240,9 +342,7 @@ class Certificates:
         is the entry's own (the pool's rows searched against the pool). Returns the stale."""
         d = rows.shape[0]
         self.anchor = rows.clone()
-        self.cell = Cell(torch.zeros(d, dtype=torch.long, device=rows.device),
-                         rows.new_zeros(d), torch.zeros(d, PLANES, dtype=torch.int32,
-                                                        device=rows.device), rows.new_zeros(d))
+        self.cell = Cell.zeros(d, self.pool.shape[0], rows.device)
         if hint is None:
             return torch.arange(d, device=rows.device)
         hint = hint.to(rows.device).long()
@@ -262,7 +362,7 @@ class Certificates:
         index, planes = cell.index[where], cell.planes[where]
         n, dim = self.pool.shape
         near = (w - self.pool.index_select(0, index)).pow_(2).sum(1, keepdim=True)
-        other = self.pool.index_select(0, planes.reshape(-1)).view(-1, PLANES, dim)
+        other = self.pool.index_select(0, planes.reshape(-1).int()).view(-1, PLANES, dim)
         other = other.sub_(w[:, None]).pow_(2).sum(2)
         # Each squared distance is within (dim + 2) u of itself; 4x that, both sides.
         margin = other - near - 2 * (dim + 2) * eps * (other + near)
@@ -270,18 +370,19 @@ class Certificates:
         beyond = cell.beyond[where] - moved.index_select(0, where) * (1 + 64 * eps)
         inside = ((margin > 0) | no_plane).all(1) & (beyond > 0)
         keep, lost = where[inside], where[~inside]
-        pair = (index[:, None] * n + planes).reshape(-1)
+        pair = (index[:, None] * n + planes).reshape(-1)  # int32: n^2 < 2^31
         to_plane = margin.mul_(self.cells.inv_gap.view(-1).index_select(0, pair).view_as(margin))
         to_plane = to_plane.masked_fill_(no_plane, float("inf")).amin(1) * self.cells.shrink
         self.anchor[keep] = w[inside]
-        cell.radius[keep] = torch.minimum(to_plane, beyond)[inside]
-        cell.beyond[keep] = beyond[inside] * self.cells.shrink
+        cell.radius[keep] = _down16(torch.minimum(to_plane, beyond)[inside])
+        cell.beyond[keep] = _down16(beyond[inside] * self.cells.shrink)
         return lost
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor, *, hint: torch.Tensor | None = None,
-               chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact indices for ``rows``; returns (index, positions whose index was recomputed).
+               chunk: int = CHUNK_ROWS) -> torch.Tensor:
+        """Exact indices for ``rows`` (:attr:`index`); returns the positions whose index was
+        recomputed.
 
         ``hint`` (first call only): indices the rows are believed to be copies of (a task
         started from the previous task's kernels). Rows that equal their hinted entry
@@ -300,7 +401,7 @@ class Certificates:
             sub = rows.index_select(0, stale)
             _assign(self.cell, stale, self.cells.search(sub, chunk))
             self.anchor[stale] = sub
-        return self.cell.index, stale
+        return stale
 
 
 def _assign(cell: Cell, where: torch.Tensor, found: Cell,
@@ -332,6 +433,7 @@ class _Cells:
         sq = pool_sq.masked_fill(later_copy, float("inf"))  # never nearest, bounds nothing
         self.pool_aug = _expanded_pool(pool, sq)
         # 1 / (2 ||p_j - p_i||); on the diagonal any finite value (d_i is set to inf there).
+        # float32: a float16 table halves its memory, but its mixed-type multiply is slower.
         self.inv_gap = (0.5 / gaps).masked_fill_(torch.eye(n, dtype=torch.bool,
                                                            device=pool.device), 1.0).float()
         self.block = _block_size(n)
@@ -344,9 +446,7 @@ class _Cells:
     def search(self, rows: torch.Tensor, chunk: int) -> Cell:
         """Nearest entry and cell geometry of every row."""
         d = rows.shape[0]
-        cell = Cell(torch.empty(d, dtype=torch.long, device=rows.device), rows.new_empty(d),
-                    torch.empty(d, PLANES, dtype=torch.int32, device=rows.device),
-                    rows.new_empty(d))
+        cell = Cell.zeros(d, self.inv_gap.shape[0], rows.device)
         rows_aug = _with_ones(rows)
         # |rounding error| of one expanded distance (a dot product of dim + 1 terms) is at
         # most (dim + 1) u (||w||^2 + 3 max||p||^2), u = eps / 2; two enter each difference;
@@ -372,46 +472,51 @@ class _Cells:
             plane, _ = _first_two_min(bisector, self.block, second=False)
             gap = bisector.gather(1, plane[:, None]).squeeze(1)
             if k == 0:
-                cell.radius[part] = gap.clamp_min(0.0) * self.shrink
+                cell.radius[part] = _down16(gap.clamp_min(0.0) * self.shrink)
             cell.planes[part, k] = torch.where(torch.isinf(gap), best, plane)  # inf: no plane
             bisector.scatter_(1, plane[:, None], float("inf"))
-        cell.beyond[part] = bisector.amin(1).clamp_min_(0.0) * self.shrink
+        cell.beyond[part] = _down16(bisector.amin(1).clamp_min_(0.0) * self.shrink)
 
 
 class ScalarLookup:
     """Exact nearest entry of a scalar pool (1x1 layers) for every row, by table lookup.
 
     The certificates of :class:`Certificates` rarely hold for scalars (a 512-entry pool cuts
-    the weight range into narrow cells) and a binary search costs ~30 ns per value on CPU, so
-    every call looks up all rows. The pool's range is cut into ``bins_per_value`` equal bins
-    per distinct value; each bin's neighbourhood (one bin either side, against rounding of the
-    bin number) holds at most one midpoint between consecutive distinct values in almost every
-    bin, so a row's cell is the bin's lower cell, or the next one when the row reaches the
-    bin's threshold: the float32 form of that midpoint, rounded so that a row exactly on it
-    goes to the lower pool index of the two values. Rows in the rare bins holding several
-    midpoints are placed among the midpoints by binary search (float64 holds every float32
-    midpoint exactly). ``hint`` is accepted for :class:`Certificates`' interface.
+    the weight range into narrow cells: in MobileNetV2 training ~25% of the scalar rows change
+    entry every step) and a binary search costs ~30 ns per value on CPU, so every call looks
+    up all rows. The pool's range is cut into ``bins_per_value`` equal bins per distinct
+    value; each bin's neighbourhood (one bin either side, against rounding of the bin number)
+    holds at most one midpoint between consecutive distinct values in almost every bin, so a
+    row's cell is the bin's lower cell, or the next one when the row reaches the bin's
+    threshold: the float32 form of that midpoint, rounded so that a row exactly on it goes to
+    the lower pool index of the two values. Rows in the rare bins holding several midpoints
+    are placed among the midpoints by binary search (float64 holds every float32 midpoint
+    exactly). A call finds each row's rank among the distinct values; the selected values
+    come from the rank directly and pool indices only when asked (:attr:`index`).
 
-    Measured on this project's 2-core CPU, 2.2M N(0, 0.05^2) rows against a 512-entry pool of
-    the same law: 14 ms per lookup against 340 ms for a binary search of every row.
+    One gather per row reads both the bin's lower cell and its threshold (packed in 64 bits).
+    Measured on this project's 2-core CPU, 409,600 N(0, 0.05^2) rows against a 512-entry pool
+    of the same law: 2.2-3.3 ms per call (chained operations, timings drift) against ~140 ms
+    for a binary search of every row.
     """
 
     def __init__(self, pool: torch.Tensor, bins_per_value: int = 64) -> None:
         if pool.ndim != 2 or pool.shape[1] != 1:
             raise ValueError(f"a scalar pool is (n, 1), got {tuple(pool.shape)}")
         self.pool = pool
-        self.values = pool[:, 0].contiguous()
-        uniq = torch.unique(self.values)  # sorted
+        uniq = torch.unique(pool[:, 0])  # sorted
+        self.uniq = uniq.contiguous()
         self.mids = (uniq[:-1].double() + uniq[1:].double()) / 2
         self.canon = nearest(uniq[:, None], pool).index  # lowest pool index of each value
-        self.index: torch.Tensor | None = None  # the last lookup
+        self.rank: torch.Tensor | None = None  # per row: rank of its value, the last call
+        self._index: torch.Tensor | None = None
         self.searched_last = 0
         self.low = float(uniq[0])
         span = float(uniq[-1]) - self.low
         # Bins must stay wider than the rounding of (x - low) * scale, i.e. than a few ulps.
         ulp = float(torch.finfo(pool.dtype).eps) * float(uniq.abs().max())
         self.bins = min(bins_per_value * len(uniq), int(span / (8 * ulp)) if ulp else 0)
-        self.cell: torch.Tensor | None = None  # per bin: its lower cell's rank, -1: several
+        self.table: torch.Tensor | None = None  # per bin: (lower cell, threshold) in 64 bits
         if len(uniq) == 1 or self.bins < 4:
             return
         self.scale = self.bins / span
@@ -421,9 +526,10 @@ class ScalarLookup:
         lo[0], hi[-1] = -float("inf"), float("inf")  # the end bins also take what is clamped
         first = torch.searchsorted(self.mids, lo, side="left")  # midpoints below the bin
         count = torch.searchsorted(self.mids, hi, side="right") - first
-        self.cell = torch.where(count <= 1, first, -1).int()
         self.several = bool((count > 1).any())
-        self.threshold = self._thresholds(first.clamp_max(len(self.mids) - 1), count == 1)
+        cell = torch.where(count <= 1, first, -1).int()  # -1: several midpoints, search
+        threshold = self._thresholds(first.clamp_max(len(self.mids) - 1), count == 1)
+        self.table = torch.stack([cell, threshold.view(torch.int32)], 1).view(torch.int64)[:, 0]
 
     def _thresholds(self, mid_at: torch.Tensor, one: torch.Tensor) -> torch.Tensor:
         """Per bin: the smallest float32 that belongs to the upper cell (NaN: none does)."""
@@ -438,33 +544,45 @@ class ScalarLookup:
         t = torch.where(bump, torch.nextafter(t, torch.tensor(float("inf"))), t)
         return torch.where(one, t, float("nan"))  # x >= nan is never true, not even for inf
 
-    def _exact(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool index of the nearest value, by binary search among the midpoints."""
+    def _exact_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank of the nearest value, by binary search among the midpoints."""
         x = x.double()
         below = torch.searchsorted(self.mids, x, side="left")  # the cell's rank
         upto = torch.searchsorted(self.mids, x, side="right")  # one more on a midpoint
-        return torch.minimum(self.canon[below], self.canon[upto])
+        return torch.where(self.canon[upto] < self.canon[below], upto, below).int()
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """Pool index of every row at the last call (lowest index among equal values)."""
+        if self._index is None and self.rank is not None:
+            self._index = self.canon.index_select(0, self.rank)
+        return self._index
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor, *, hint: torch.Tensor | None = None,
-               chunk: int = CHUNK_ROWS) -> tuple[torch.Tensor, None]:
-        """Exact indices for every row; the second value (None) says all were recomputed."""
+               chunk: int = CHUNK_ROWS) -> None:
+        """Rank every row (None: all rows were looked up). ``hint`` is accepted for
+        :class:`Certificates`' interface."""
         x = rows.detach().to(self.pool.dtype).reshape(-1)
-        self.searched_last = x.numel()
-        if self.cell is None:  # one distinct value, or a span too narrow for bins
-            self.index = self._exact(x)
-            return self.index, None
+        self.searched_last, self._index = x.numel(), None
+        if self.table is None:  # one distinct value, or a span too narrow for bins
+            self.rank = self._exact_rank(x)
+            return None
         # float -> int32 (not int64: ~7x faster on CPU); NaN goes to bin 0 instead of raising.
         pos = (x - self.low).mul_(self.scale).nan_to_num_(0.0).clamp_(0, self.bins - 1).int()
-        cell = self.cell.index_select(0, pos)
-        unsure = torch.nonzero(cell < 0).squeeze(1) if self.several else None
-        cell += x >= self.threshold.index_select(0, pos)
-        index = self.canon.index_select(0, cell.clamp_min_(0))
-        if unsure is not None and unsure.numel():
-            index[unsure] = self._exact(x.index_select(0, unsure))
-        self.index = index
-        return index, None
+        packed = self.table.index_select(0, pos).view(torch.int32).view(-1, 2)
+        cell, threshold = packed[:, 0], packed[:, 1].view(torch.float32)
+        # min() then nonzero(): a scan for the (rare) unsure bins only where one was hit.
+        unsure = self.several and int(cell.min()) < 0
+        unsure = torch.nonzero(cell < 0).squeeze(1) if unsure else None
+        # out-of-place: int32 + bool is ~20x faster than the in-place += on CPU
+        rank = cell + (x >= threshold)
+        if unsure is not None:
+            rank[unsure] = self._exact_rank(x.index_select(0, unsure))
+        self.rank = rank
+        return None
 
-    def lookup(self, index: torch.Tensor) -> torch.Tensor:
-        """Pool values at ``index`` (a flat gather: faster than indexing the (n, 1) pool)."""
-        return self.values.index_select(0, index)[:, None]
+    def kernels(self, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Selected values, (rows, 1): of every row, or of the rows at ``where``."""
+        rank = self.rank if where is None else self.rank.index_select(0, where)
+        return self.uniq.index_select(0, rank)[:, None]

@@ -3,7 +3,8 @@
 A benchmark test sets ``benchmark.extra_info["role"] = "baseline"`` for the reference
 (e.g. the plain model's step); every other benchmark in the same group is reported as a
 ratio of mean times to that baseline at the end of the run, together with any
-``extra_info["peak_ratio"]`` the test measured.
+``extra_info["peak_ratio"]`` the test measured. A test that times its own baseline in paired
+rounds reports ``extra_info["paired_ratio"]`` instead, printed as is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         groups.setdefault(b.group or "", []).append(b)
     lines = []
     for group, items in sorted(groups.items()):
+        for b in items:  # tests that time their own baseline in paired rounds
+            if "paired_ratio" in b.extra_info:
+                lines.append(f"{group}: {b.name} = {b.extra_info['paired_ratio']:.3f}x the "
+                             f"paired plain step ({b.extra_info.get('plain_median_ms')} ms)")
         base = next((b for b in items if b.extra_info.get("role") == "baseline"), None)
         if base is None or not base.stats:
             continue

@@ -3,12 +3,14 @@
 Same run, same machine (REFERENCE §6: the authors' search took ~8 s and 3 GB per step on two
 cores against 0.1 s). Setting: batch 32, 32x32 input, 5 classes, SGD; NWS in its steady state
 (W started from pool entries, as every task t > 0 does, pools at the weights' scale). Peak
-memory: one fresh subprocess per variant running the same steps, ru_maxrss of that process.
+memory: one fresh subprocess per variant running the same steps, ru_maxrss of that process
+(with glibc's mmap threshold fixed, and with the default allocator: see ``FIXED_MMAP``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,19 +53,28 @@ def make_step(variant: str):
     return step
 
 
-def peak_rss_mib(variant: str) -> float:
+# glibc raises its mmap threshold as large blocks are freed, after which large tensors come
+# from the heap and its fragmentation varies from run to run: peak RSS then moved by +-30 MiB
+# between identical runs here (ratio 1.18-1.21), against 1.153 both times with the threshold
+# fixed at 64 KiB (large tensors mapped and unmapped: the peak is the tensors'). The assertion
+# uses the fixed threshold; the default allocator's ratio is reported beside it.
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def peak_rss_mib(variant: str, env: dict[str, str] | None = None) -> float:
     """ru_maxrss of a fresh process that builds the model and runs STEPS steps."""
     code = (f"import resource, json; from tests.test_nws_speed import make_step; "
             f"s = make_step({variant!r}); [s() for _ in range({STEPS})]; "
             f"print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=True, timeout=600)
+                         check=True, timeout=600, env={**os.environ, **(env or {})})
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 @pytest.fixture(scope="module")
-def peak_ratio() -> float:
-    return peak_rss_mib("nws") / peak_rss_mib("plain")
+def peak_ratio() -> dict[str, float]:
+    return {name: round(peak_rss_mib("nws", env) / peak_rss_mib("plain", env), 3)
+            for name, env in (("fixed_mmap", FIXED_MMAP), ("default_malloc", None))}
 
 
 @pytest.mark.benchmark(group="resnet18-train-step")
@@ -74,8 +85,8 @@ def test_plain_resnet18_step(benchmark) -> None:
 
 
 @pytest.mark.benchmark(group="resnet18-train-step")
-def test_nws_resnet18_step(benchmark, peak_ratio: float) -> None:
+def test_nws_resnet18_step(benchmark, peak_ratio: dict[str, float]) -> None:
     step = make_step("nws")
-    benchmark.extra_info["peak_ratio"] = round(peak_ratio, 3)
+    benchmark.extra_info["peak_ratio"] = peak_ratio
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    assert peak_ratio <= 1.2
+    assert peak_ratio["fixed_mmap"] <= 1.2

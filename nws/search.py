@@ -6,8 +6,10 @@ product [w, 1] [-2p, ||p||^2]^T per chunk), so the full (d x n) distance matrix 
 materialised. Ties go to the lowest index. The argmin is blocked (:func:`_first_two_min`):
 CPU ``argmin`` over 512 columns is a scalar loop, ``amin`` is vectorised.
 
-A layer searches through :func:`searcher_for`:
+A layer searches through :func:`searcher_for` (the contract: :class:`Searcher`):
 
+- :class:`FullSearch` (layers of at most ``SMALL_LAYER_ROWS`` rows) searches every row at
+  every call: below that size one product and argmin cost less than the certificates.
 - :class:`Certificates` (kernels of D > 1 values) makes the search incremental. Each search
   also returns where the row sits in its nearest entry's Voronoi cell: the distance to the
   nearest bisector (the cell boundary), the ``PLANES`` nearest bisectors themselves, and the
@@ -220,7 +222,10 @@ class Searcher(Protocol):
 
 # Layers with at most this many rows are searched in full at every call (:class:`FullSearch`):
 # below it, the certificates' ~40 small tensor operations per call cost more than the search
-# they save. Measured in NWS training steps on this project's 2-core CPU (see FullSearch).
+# they save. Measured on this project's 2-core CPU, both searchers fed the same rows of a
+# first-task NWS training run after 20 steps, ms per step summed over the layers of a size:
+# ResNet-34 4096-row layers 16.5 (certificates) vs 12.6 (full), 8192 rows 4.4 vs 4.7,
+# 16384 rows 33.7 vs 54.2; MobileNetV2's depthwise layers (32-960 rows) 1.1-6.4 vs 0.2-2.2.
 SMALL_LAYER_ROWS = 8192
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from nws.search import Certificates, ScalarLookup, nearest, nearest_index
+from nws.search import (
+    SMALL_LAYER_ROWS,
+    Certificates,
+    FullSearch,
+    ScalarLookup,
+    nearest,
+    nearest_index,
+    searcher_for,
+)
 
 
 def _run(searcher, rows, **kw):
@@ -198,3 +206,19 @@ def test_rows_past_their_radius_are_tested_on_the_nearest_planes() -> None:
     changed = (index != brute_force(rows, pool)).sum()
     assert past > 3000 and searched.numel() < past / 2  # the planes certified most of them
     assert searched.numel() >= changed  # every row whose entry changed was searched
+
+
+def test_small_layers_are_searched_in_full_and_exactly() -> None:
+    g = torch.Generator().manual_seed(10)
+    pool, rows = torch.randn(512, 9, generator=g), torch.randn(3000, 9, generator=g)
+    assert isinstance(searcher_for(pool, SMALL_LAYER_ROWS), FullSearch)
+    assert isinstance(searcher_for(pool, SMALL_LAYER_ROWS + 1), Certificates)
+    assert isinstance(searcher_for(pool[:, :1], 10), ScalarLookup)
+    full = FullSearch(pool)
+    for _ in range(3):  # every call searches every row
+        rows = rows + 0.1 * torch.randn(rows.shape, generator=g)
+        index, changed = _run(full, rows, chunk=1024)
+        assert changed is None and full.searched_last == len(rows)
+        assert torch.equal(index, brute_force(rows, pool))
+    where = torch.tensor([2999, 0, 7])
+    assert torch.equal(full.kernels(where), pool[index[where]])

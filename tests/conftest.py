@@ -27,9 +27,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     lines = []
     for group, items in sorted(groups.items()):
         for b in items:  # tests that time their own baseline in paired rounds
-            if "paired_ratio" in b.extra_info:
-                lines.append(f"{group}: {b.name} = {b.extra_info['paired_ratio']:.3f}x the "
-                             f"paired plain step ({b.extra_info.get('plain_median_ms')} ms)")
+            info = dict(b.extra_info)
+            if "paired_ratio" in info:
+                ratio, plain = info.pop("paired_ratio"), info.pop("plain_median_ms", None)
+                lines.append(f"{group}: {b.name} = {ratio:.3f}x the paired plain step "
+                             f"({plain} ms)" + (f"  {info}" if info else ""))
         base = next((b for b in items if b.extra_info.get("role") == "baseline"), None)
         if base is None or not base.stats:
             continue

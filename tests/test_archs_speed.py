@@ -10,17 +10,14 @@ Two NWS phases, each timed against the plain (Finetune) step in paired rounds:
   benchmark of ``test_nws_speed``.
 
 The NWS issue's target (NWS step <= 1.3x the plain step) is reported, not asserted: conftest
-prints each test's ``paired_ratio`` (median NWS step / median plain step over paired
-rounds). Timing starts after ``WARMUP`` steps on cycling batches: the first step searches
-every kernel, and the number of kernels leaving their certified cell per step
+prints each test's ``paired_ratio`` (median NWS step / median plain step over paired rounds:
+:mod:`tests.paired`). Timing starts after ``WARMUP`` steps on cycling batches: the first
+step searches every kernel, and the number of kernels leaving their certified cell per step
 grows over the first ~20 steps before it levels off (measured on ResNet-34, first task:
 ~10k searched rows at step 4, ~50k from step 20 on, of 2.3M), so early steps flatter NWS.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import pytest
 import torch
@@ -31,6 +28,7 @@ from benchmarks.methods import METHODS
 from benchmarks.protocols import resolve_protocol
 from benchmarks.store import ArtifactStore
 from benchmarks.training import Trainer
+from tests.paired import paired
 
 BATCH, CLASSES, ROUNDS, WARMUP = 32, 5, 16, 24
 TASKS = (TaskInfo(0, "t0", CLASSES), TaskInfo(1, "t1", CLASSES))
@@ -62,30 +60,20 @@ def _trainer(method_name: str, arch: str, phase: str, tmp_path) -> Trainer:
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "mobilenetv2", "vgg16"])
 @pytest.mark.parametrize("phase", PHASES)
 def test_training_step(benchmark, arch, phase, tmp_path):
-    """pytest-benchmark times the NWS step; the plain (Finetune) step runs in each round's
-    untimed setup, on the same batch, and is timed there: paired rounds, so load drift on a
-    shared machine hits both alike. The ratio of medians is reported in ``extra_info``."""
+    """The NWS step, with the plain (Finetune) step on the same batch in paired rounds."""
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(BATCH, 3, 32, 32, generator=g),
                 torch.randint(0, CLASSES, (BATCH,), generator=g)) for _ in range(4)]
     plain = _trainer("finetune", arch, phase, tmp_path)
     nws = _trainer("nws", arch, phase, tmp_path)
     rounds = iter(range(10**9))
-    plain_times: list[float] = []
-    current: list[tuple[torch.Tensor, torch.Tensor]] = []
+    current = [batches[0]]
 
-    def setup() -> None:
-        current[:] = [batches[next(rounds) % len(batches)]]
-        start = time.perf_counter()
+    def plain_step() -> None:  # runs first in each round: it picks the round's batch
+        current[0] = batches[next(rounds) % len(batches)]
         plain.step(*current[0])
-        plain_times.append(time.perf_counter() - start)
-
-    def step() -> torch.Tensor:
-        return nws.step(*current[0])
 
     benchmark.group = f"step-{arch}-{phase}"
-    loss = benchmark.pedantic(step, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP)
-    plain_median = statistics.median(plain_times[-ROUNDS:])
-    benchmark.extra_info["plain_median_ms"] = round(plain_median * 1e3, 1)
-    benchmark.extra_info["paired_ratio"] = round(benchmark.stats.stats.median / plain_median, 3)
+    loss = paired(benchmark, lambda: nws.step(*current[0]), plain_step, rounds=ROUNDS,
+                  warmup=WARMUP)
     assert torch.isfinite(loss)

@@ -32,13 +32,22 @@ from nws.pools_io import (
     pools_file_from_model,
     save_pools,
 )
-from nws.search import Certificates, nearest, nearest_index
+from nws.search import (
+    Certificates,
+    FullSearch,
+    ScalarLookup,
+    Searcher,
+    nearest,
+    nearest_index,
+    searcher_for,
+)
 
 __all__ = [
-    "Certificates", "Indices", "NWSConv2d", "NWSLayer", "NWSLinear", "Pools", "PoolsFile",
+    "Certificates", "FullSearch", "Indices", "NWSConv2d", "NWSLayer", "NWSLinear", "Pools",
+    "PoolsFile", "ScalarLookup", "Searcher",
     "convertible_layers", "decode_into", "distillation_loss", "ema_update",
     "empirical_entropy_bits", "enable_ema", "encode", "get_pools", "import_authors_pools",
     "kmeans", "kmeans_pools", "load_pools", "lookup", "nearest", "nearest_index",
     "nws_layers", "nwsify", "pools_file_from_model", "random_pools", "save_pools",
-    "similarity_loss", "to_plain",
+    "searcher_for", "similarity_loss", "to_plain",
 ]

@@ -60,7 +60,7 @@ class NWSLayer(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.register_buffer("pool", pool.detach().clone().float())
-        self._certs: Searcher | None = None
+        self._searcher: Searcher | None = None
         self._selected: torch.Tensor | None = None
         self._key: tuple | None = None
 
@@ -94,7 +94,7 @@ class NWSLayer(nn.Module):
 
     def reset_search(self) -> None:
         """Forget the cached search (done automatically when W or the pool changes)."""
-        self._certs = self._selected = self._key = None
+        self._searcher = self._selected = self._key = None
 
     @torch.no_grad()
     def search(self, hint: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +102,7 @@ class NWSLayer(nn.Module):
 
         ``hint``: indices W is believed to be a lookup of (see :meth:`start_from`)."""
         self._refresh(hint)
-        return self._certs.index
+        return self._searcher.index
 
     def _refresh(self, hint: torch.Tensor | None = None) -> None:
         """Bring the search and K up to date with W and the pool."""
@@ -110,13 +110,13 @@ class NWSLayer(nn.Module):
         if self._key == key:
             return
         if self._key is None or self._key[3] != key[3]:  # new pool: start afresh
-            self._certs = searcher_for(self.pool.detach(), self.num_groups)
+            self._searcher = searcher_for(self.pool.detach(), self.num_groups)
             self._selected = None
-        changed = self._certs.update(self.rows(), hint=hint)
+        changed = self._searcher.update(self.rows(), hint=hint)
         if self._selected is None or changed is None:  # None: every row was looked up
-            self._selected = self._certs.kernels()
+            self._selected = self._searcher.kernels()
         elif changed.numel():
-            self._selected.index_copy_(0, changed, self._certs.kernels(changed))
+            self._selected.index_copy_(0, changed, self._searcher.kernels(changed))
         self._key = key
 
     @torch.no_grad()

@@ -39,9 +39,10 @@ NWS_OPTIONS = {"pools": "kmeans-pretrained", "pool_size": 512, "kmeans_iters": 2
 PHASES = ("first-task", "later-tasks")
 
 
-def _trainer(method_name: str, arch: str, phase: str, tmp_path) -> Trainer:
+def _trainer(method_name: str, arch: str, phase: str, tmp_path,
+             protocol_name: str = "paper") -> Trainer:
     torch.manual_seed(0)
-    protocol = resolve_protocol("paper", "split_cifar100")
+    protocol = resolve_protocol(protocol_name, "split_cifar100")
     cls = METHODS.get(method_name)
     options = NWS_OPTIONS if method_name == "nws" else {}
     ctx = MethodContext(arch, "split_cifar100", TASKS, protocol, torch.device("cpu"), 0,

@@ -208,6 +208,26 @@ def test_rows_past_their_radius_are_tested_on_the_nearest_planes() -> None:
     assert searched.numel() >= changed  # every row whose entry changed was searched
 
 
+def test_rows_drifting_to_and_fro_are_not_searched_again() -> None:
+    """``beyond`` bounds the distance from where a row was searched (net displacement), so
+    rows stepping back and forth past their radius are re-certified without a search however
+    long they keep at it; path length would exhaust it within a few steps."""
+    g = torch.Generator().manual_seed(11)
+    pool = torch.randn(512, 9, generator=g)
+    rows = torch.randn(4000, 9, generator=g)
+    certs = Certificates(pool)
+    certs.update(rows)
+    step = torch.randn(rows.shape, generator=g)
+    step = step / step.norm(dim=1, keepdim=True) * (0.6 * certs.cell.beyond.float()[:, None])
+    searched = []
+    for k in range(12):
+        moved = rows + step if k % 2 == 0 else rows
+        index, stale = _run(certs, moved)
+        assert torch.equal(index, brute_force(moved, pool))
+        searched.append(stale.numel())
+    assert max(searched[4:]) <= max(searched[:2]) < 400, searched
+
+
 def test_small_layers_are_searched_in_full_and_exactly() -> None:
     g = torch.Generator().manual_seed(10)
     pool, rows = torch.randn(512, 9, generator=g), torch.randn(3000, 9, generator=g)

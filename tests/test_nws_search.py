@@ -105,8 +105,12 @@ def test_hint_certifies_copies_of_pool_entries() -> None:
 def test_scalar_pools_use_sorted_search_with_exact_ties() -> None:
     g = torch.Generator().manual_seed(6)
     pool = torch.randn(512, 1, generator=g)
-    rows = torch.cat([torch.randn(3000, 1, generator=g), pool[:20], torch.tensor([[9.0], [-9.0]])])
-    assert torch.equal(nearest_index(rows, pool), brute_force(rows, pool))
+    values = pool[:, 0].sort().values
+    mids = ((values[:-1].double() + values[1:].double()) / 2).float()
+    near_mids = torch.cat([mids, mids.nextafter(mids + 1), mids.nextafter(mids - 1)])[:, None]
+    rows = torch.cat([torch.randn(3000, 1, generator=g), pool[:20], torch.tensor([[9.0], [-9.0]]),
+                      near_mids])
+    assert torch.equal(nearest_index(rows, pool), brute_force(rows, pool))  # float64 exact
     ints = torch.tensor([[2.0], [0.0], [4.0], [2.0], [0.0]])  # duplicates 0 and 2
     probe = torch.tensor([[1.0], [3.0], [2.0], [-1.0], [5.0], [0.4]])
     got = nearest(probe, ints)

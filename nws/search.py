@@ -31,6 +31,8 @@ from typing import Protocol
 
 import torch
 
+from nws.cpu_kernels import certificate_kernels
+
 # Rows per chunk: chunk x n distances stay a few MiB (2048 x 512 float32 = 4 MiB; 2048 was
 # the fastest of 512-8192 on this project's 2-core CPU).
 CHUNK_ROWS = 2048
@@ -337,6 +339,9 @@ class Certificates(_VectorSearcher):
     closer to the origin than ``beyond`` is still on its entry's side of them. If it passes it
     is re-anchored where it is; only the rest is searched again.
 
+    On CPU the check runs as one compiled pass over the rows (:mod:`nws.cpu_kernels`) where
+    that builds; the eager code (:meth:`_recertify`) is the reference and the fallback.
+
     ``beyond`` is measured from the origin (net displacement), not reduced by every
     re-anchoring move (path length): under SGD rows drift to and fro, and path length
     exhausts ``beyond`` for rows that have not gone far. Measured on ResNet-34's first task
@@ -352,6 +357,7 @@ class Certificates(_VectorSearcher):
         self.anchor: torch.Tensor | None = None  # rows where they were last certified
         self.origin: torch.Tensor | None = None  # float16 rows where they were last searched
         self.cell: Cell | None = None
+        self.use_compiled = True  # the check in one compiled pass on CPU, where it builds
 
     @property
     def index(self) -> torch.Tensor | None:
@@ -392,6 +398,14 @@ class Certificates(_VectorSearcher):
         self.anchor[where] = rows
         self.origin[where] = origin
 
+    def _compiled(self, rows: torch.Tensor):
+        """The compiled check of :mod:`nws.cpu_kernels` where it applies (CPU, float32,
+        int16 planes, and ``use_compiled``), else None: the eager code below."""
+        if not (self.use_compiled and rows.device.type == "cpu"
+                and rows.dtype == torch.float32 and self.cell.planes.dtype == torch.int16):
+            return None
+        return certificate_kernels()
+
     def _recertify(self, rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Rows ``where`` moved past their radius. Those still on their entry's side of the
         nearest bisectors (tested exactly) and within ``beyond`` of their origin keep their
@@ -431,6 +445,12 @@ class Certificates(_VectorSearcher):
         rows = rows.detach().to(self.pool.dtype)
         if self.anchor is None or self.anchor.shape != rows.shape:
             stale = self._start(rows, hint, chunk)
+        elif (kernels := self._compiled(rows)) is not None:
+            cell = self.cell
+            stale = kernels.recertify(rows.contiguous(), self.anchor, self.origin, cell.radius,
+                                      cell.beyond, cell.index, cell.planes, self.pool,
+                                      self.cells.inv_gap, matmul_eps(rows.device),
+                                      self.cells.shrink)
         else:
             moved = torch.linalg.vector_norm(rows - self.anchor, dim=1)
             stale = torch.nonzero(moved >= self.cell.radius).squeeze(1)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from nws import cpu_kernels
+from nws.cpu_kernels import certificate_kernels
 from nws.search import (
     SMALL_LAYER_ROWS,
     Certificates,
@@ -230,6 +233,32 @@ def test_rows_drifting_to_and_fro_are_not_searched_again() -> None:
         assert torch.equal(index, brute_force(moved, pool))
         searched.append(stale.numel())
     assert max(searched[4:]) <= max(searched[:2]) < 400, searched
+
+
+def test_compiled_check_agrees_with_the_eager_one() -> None:
+    """The compiled CPU check and the eager reference, fed the same drifting rows: both exact
+    at every step, and they search the same rows up to rounding on a certificate's edge."""
+    if certificate_kernels() is None:
+        pytest.skip("compiled CPU kernels not buildable here (the eager path is tested)")
+    g = torch.Generator().manual_seed(13)
+    pool = torch.randn(512, 9, generator=g)
+    rows = torch.randn(20_000, 9, generator=g)
+    compiled, eager = Certificates(pool), Certificates(pool)
+    eager.use_compiled = False
+    for step in range(6):
+        if step:
+            rows = rows + 0.03 * torch.randn(rows.shape, generator=g)
+        found = [_run(certs, rows) for certs in (compiled, eager)]
+        truth = brute_force(rows, pool)
+        assert all(torch.equal(index, truth) for index, _ in found)
+        if step:
+            a, b = (set(stale.tolist()) for _, stale in found)
+            assert len(a) > 500 and len(a ^ b) <= 0.01 * len(a)
+
+
+def test_compiled_kernels_can_be_switched_off(monkeypatch) -> None:
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert cpu_kernels._build() is None
 
 
 def test_small_layers_are_searched_in_full_and_exactly() -> None:

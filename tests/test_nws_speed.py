@@ -59,7 +59,8 @@ def make_step(variant: str):
 # between identical runs here (ratio 1.18-1.21), against 1.153 both times with the threshold
 # fixed at 64 KiB (large tensors mapped and unmapped: the peak is the tensors'). The assertion
 # uses the fixed threshold; the default allocator's ratio is reported beside it. (Since the
-# float16 search origins of commit 5a06406, +21 MiB: 1.176 fixed, 1.18-1.20 default.)
+# float16 search origins of commit 5a06406, +21 MiB: 1.176 fixed, 1.18-1.20 default; with the
+# compiled CPU check loaded, 2ef6277: 1.181 fixed, 1.21-1.23 default.)
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 

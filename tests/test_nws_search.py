@@ -153,7 +153,8 @@ def scalar_brute_force(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     return (x.double()[:, None] - pool.double()[None, :, 0]).abs().argmin(1)
 
 
-def test_scalar_lookup_is_exact_on_clusters_duplicates_and_midpoints() -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+def test_scalar_lookup_is_exact_on_clusters_duplicates_and_midpoints(compiled) -> None:
     g = torch.Generator().manual_seed(8)
     pool = torch.randn(512, 1, generator=g) * 0.05
     pool[:40] = torch.randint(-20, 20, (40, 1), generator=g) / 1000  # clustered + duplicates
@@ -163,6 +164,7 @@ def test_scalar_lookup_is_exact_on_clusters_duplicates_and_midpoints() -> None:
     x = torch.cat([torch.randn(100_000, generator=g) * 0.05, pool[:, 0], mids,
                    torch.randint(-40, 40, (2000,), generator=g) / 2000])
     lookup = ScalarLookup(pool)
+    lookup.use_compiled = compiled
     index, changed = _run(lookup, x[:, None])
     assert changed is None and lookup.several  # every row looked up; the slow path exercised
     assert torch.equal(index, scalar_brute_force(x, pool))

@@ -21,6 +21,8 @@ import os
 import warnings
 from types import ModuleType
 
+import torch
+
 ENV = "NWS_CPU_KERNELS"
 
 _SOURCE = r"""
@@ -170,7 +172,15 @@ std::vector<torch::Tensor> scalar_lookup(torch::Tensor x, torch::Tensor table,
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def certificate_kernels() -> ModuleType | None:
+def kernels_for(x: torch.Tensor, enabled: bool = True) -> ModuleType | None:
+    """The compiled kernels where they apply to ``x`` (float32 on CPU, ``enabled``), else
+    None: disabled by ``NWS_CPU_KERNELS=0``, not buildable, or another device or dtype."""
+    if not (enabled and x.device.type == "cpu" and x.dtype == torch.float32):
+        return None
+    return compiled()
+
+
+def compiled() -> ModuleType | None:
     """The compiled kernels, or None (disabled by ``NWS_CPU_KERNELS=0``, or not buildable)."""
     if "module" not in _loaded:
         _loaded["module"] = _build()

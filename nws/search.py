@@ -31,7 +31,7 @@ from typing import Protocol
 
 import torch
 
-from nws.cpu_kernels import certificate_kernels
+from nws.cpu_kernels import kernels_for
 
 # Rows per chunk: chunk x n distances stay a few MiB (2048 x 512 float32 = 4 MiB; 2048 was
 # the fastest of 512-8192 on this project's 2-core CPU).
@@ -347,8 +347,10 @@ class Certificates(_VectorSearcher):
     exhausts ``beyond`` for rows that have not gone far. Measured on ResNet-34's first task
     (this project's 2-core CPU, steps 28-32 of the speed benchmark's run): of ~54k rows
     searched per step under path length, ~42k passed the plane test and only ~12k changed
-    entry; net displacement kept ~31k of those 42k. The origin is kept in float16 (2 bytes a
-    value) and its rounding error is taken off ``beyond`` when it is stored.
+    entry; with net displacement ~43k rows are searched per step (kept rows drift on from
+    their origin and run out later; a float64 replay had predicted fewer). The origin is
+    kept in float16 (2 bytes a value) and its rounding error is taken off ``beyond`` when it
+    is stored.
     """
 
     def __init__(self, pool: torch.Tensor) -> None:
@@ -398,14 +400,6 @@ class Certificates(_VectorSearcher):
         self.anchor[where] = rows
         self.origin[where] = origin
 
-    def _compiled(self, rows: torch.Tensor):
-        """The compiled check of :mod:`nws.cpu_kernels` where it applies (CPU, float32,
-        int16 planes, and ``use_compiled``), else None: the eager code below."""
-        if not (self.use_compiled and rows.device.type == "cpu"
-                and rows.dtype == torch.float32 and self.cell.planes.dtype == torch.int16):
-            return None
-        return certificate_kernels()
-
     def _recertify(self, rows: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """Rows ``where`` moved past their radius. Those still on their entry's side of the
         nearest bisectors (tested exactly) and within ``beyond`` of their origin keep their
@@ -445,7 +439,8 @@ class Certificates(_VectorSearcher):
         rows = rows.detach().to(self.pool.dtype)
         if self.anchor is None or self.anchor.shape != rows.shape:
             stale = self._start(rows, hint, chunk)
-        elif (kernels := self._compiled(rows)) is not None:
+        elif (kernels := kernels_for(rows, self.use_compiled
+                                     and self.cell.planes.dtype == torch.int16)) is not None:
             cell = self.cell
             stale = kernels.recertify(rows.contiguous(), self.anchor, self.origin, cell.radius,
                                       cell.beyond, cell.index, cell.planes, self.pool,
@@ -630,7 +625,7 @@ class ScalarLookup:
         if self.table is None:  # one distinct value, or a span too narrow for bins
             self.rank = self._exact_rank(x)
             return None
-        if (kernels := self._compiled(x)) is not None:
+        if (kernels := kernels_for(x, self.use_compiled)) is not None:
             self.rank, self._values = kernels.scalar_lookup(
                 x.contiguous(), self.table, self.uniq, self.mids, self.canon, self.low,
                 self.scale)
@@ -648,13 +643,6 @@ class ScalarLookup:
             rank[unsure] = self._exact_rank(x.index_select(0, unsure))
         self.rank = rank
         return None
-
-    def _compiled(self, x: torch.Tensor):
-        """The compiled lookup of :mod:`nws.cpu_kernels` where it applies (CPU, float32,
-        ``use_compiled``), else None: the eager code."""
-        if not (self.use_compiled and x.device.type == "cpu" and x.dtype == torch.float32):
-            return None
-        return certificate_kernels()
 
     def kernels(self, where: torch.Tensor | None = None) -> torch.Tensor:
         """Selected values, (rows, 1): of every row, or of the rows at ``where``."""

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from nws import cpu_kernels
-from nws.cpu_kernels import certificate_kernels
 from nws.search import (
     SMALL_LAYER_ROWS,
     Certificates,
@@ -198,16 +197,27 @@ def test_search_stays_float32_under_autocast() -> None:
     assert torch.equal(plain, brute_force(rows, pool))
 
 
-def test_rows_past_their_radius_are_tested_on_the_nearest_planes() -> None:
-    """Moves past the cell radius but short of ``beyond``: most rows are certified by the
-    exact test on their nearest bisector planes, and every index stays the brute-force one."""
-    g = torch.Generator().manual_seed(10)
+def _certified(seed: int) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, Certificates]:
+    """A 512-entry pool, 4000 rows, and certificates after their first (full) search."""
+    g = torch.Generator().manual_seed(seed)
     pool = torch.randn(512, 9, generator=g)
     rows = torch.randn(4000, 9, generator=g)
     certs = Certificates(pool)
     certs.update(rows)
-    step = torch.randn(rows.shape, generator=g)
-    step = step / step.norm(dim=1, keepdim=True) * (1.5 * certs.radius[:, None])
+    return g, pool, rows, certs
+
+
+def _steps(shape: torch.Size, length: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random directions, one per row, of the given lengths."""
+    step = torch.randn(shape, generator=g)
+    return step / step.norm(dim=1, keepdim=True) * length[:, None]
+
+
+def test_rows_past_their_radius_are_tested_on_the_nearest_planes() -> None:
+    """Moves past the cell radius but short of ``beyond``: most rows are certified by the
+    exact test on their nearest bisector planes, and every index stays the brute-force one."""
+    g, pool, rows, certs = _certified(10)
+    step = _steps(rows.shape, 1.5 * certs.radius.float(), g)
     moved = rows + step
     past = (step.norm(dim=1) >= certs.radius).sum()
     index, searched = _run(certs, moved)
@@ -221,13 +231,8 @@ def test_rows_drifting_to_and_fro_are_not_searched_again() -> None:
     """``beyond`` bounds the distance from where a row was searched (net displacement), so
     rows stepping back and forth past their radius are re-certified without a search however
     long they keep at it; path length would exhaust it within a few steps."""
-    g = torch.Generator().manual_seed(11)
-    pool = torch.randn(512, 9, generator=g)
-    rows = torch.randn(4000, 9, generator=g)
-    certs = Certificates(pool)
-    certs.update(rows)
-    step = torch.randn(rows.shape, generator=g)
-    step = step / step.norm(dim=1, keepdim=True) * (0.6 * certs.cell.beyond.float()[:, None])
+    g, pool, rows, certs = _certified(11)
+    step = _steps(rows.shape, 0.6 * certs.cell.beyond.float(), g)
     searched = []
     for k in range(12):
         moved = rows + step if k % 2 == 0 else rows
@@ -240,7 +245,7 @@ def test_rows_drifting_to_and_fro_are_not_searched_again() -> None:
 def test_compiled_check_agrees_with_the_eager_one() -> None:
     """The compiled CPU check and the eager reference, fed the same drifting rows: both exact
     at every step, and they search the same rows up to rounding on a certificate's edge."""
-    if certificate_kernels() is None:
+    if cpu_kernels.compiled() is None:
         pytest.skip("compiled CPU kernels not buildable here (the eager path is tested)")
     g = torch.Generator().manual_seed(13)
     pool = torch.randn(512, 9, generator=g)

@@ -276,6 +276,7 @@ class FullSearch(_VectorSearcher):
         super().__init__(pool)
         self.pool_aug = _expanded_pool(pool, _pool_sq_norms(pool))
         self.index = None  # the last search
+        self.use_compiled = True  # one compiled pass on CPU, where it builds
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor, *, hint: torch.Tensor | None = None,
@@ -283,8 +284,12 @@ class FullSearch(_VectorSearcher):
         """Exact indices for every row (None: all were recomputed). ``hint`` is accepted for
         :class:`Certificates`' interface."""
         rows = rows.detach().to(self.pool.dtype)
-        with full_precision(rows.device):
-            self.index = _argmin_chunks(rows, self.pool_aug, chunk)
+        if (kernels := kernels_for(rows, self.use_compiled
+                                   and _compiled_pool_fits(self.pool))) is not None:
+            self.index = kernels.nearest_entry(rows.contiguous(), self.pool_aug).long()
+        else:
+            with full_precision(rows.device):
+                self.index = _argmin_chunks(rows, self.pool_aug, chunk)
         self.searched_last = rows.shape[0]
         return None
 
@@ -385,7 +390,8 @@ class Certificates(_VectorSearcher):
         copy = (rows == self.pool[hint]).all(1)
         exact = torch.nonzero(copy).squeeze(1)
         self._settle(exact, rows.index_select(0, exact),
-                     _picked(self.cells.search(self.pool, chunk), hint[exact]))
+                     _picked(self.cells.search(self.pool, chunk, self.use_compiled),
+                             hint[exact]))
         return torch.nonzero(~copy).squeeze(1)
 
     def _settle(self, where: torch.Tensor, rows: torch.Tensor, found: Cell) -> None:
@@ -454,7 +460,7 @@ class Certificates(_VectorSearcher):
         self.searched_last = int(stale.numel())
         if stale.numel():
             sub = rows.index_select(0, stale)
-            self._settle(stale, sub, self.cells.search(sub, chunk))
+            self._settle(stale, sub, self.cells.search(sub, chunk, self.use_compiled))
         return stale
 
 
@@ -465,6 +471,13 @@ def _assign(cell: Cell, where: torch.Tensor, found: Cell) -> None:
     """cell[where] = found."""
     for name in _CELL_FIELDS:
         getattr(cell, name)[where] = getattr(found, name)
+
+
+def _compiled_pool_fits(pool: torch.Tensor) -> bool:
+    """Whether the compiled searches take this pool: entries in whole 8-lane blocks, and
+    (planes are int16 there) at most 32767 of them. Pools of other sizes search eagerly."""
+    n = pool.shape[0]
+    return n % 8 == 0 and 0 < n <= torch.iinfo(torch.int16).max
 
 
 def _picked(cell: Cell, pick: torch.Tensor) -> Cell:
@@ -501,17 +514,23 @@ class _Cells:
         self.pool_max_sq = float(pool_sq.max()) if n else 0.0
         # relative rounding of the product by 1 / (2 gap) and of the movement ||w' - w||
         self.shrink = 1 - 64 * float(torch.finfo(torch.float32).eps)
+        self.compiled_fits = _compiled_pool_fits(pool)
 
     @torch.no_grad()
-    def search(self, rows: torch.Tensor, chunk: int) -> Cell:
-        """Nearest entry and cell geometry of every row."""
+    def search(self, rows: torch.Tensor, chunk: int, compiled: bool = True) -> Cell:
+        """Nearest entry and cell geometry of every row (``compiled``: on CPU, one compiled
+        pass where it builds; the chunked eager code below is the reference)."""
+        # |rounding error| of one expanded distance (a dot product of dim + 1 terms, in any
+        # order, fused or not) is at most (dim + 1) u (||w||^2 + 3 max||p||^2), u = eps / 2;
+        # two enter each difference; this allowance is 4x that bound or more.
+        err_scale = 4 * (self.dim + 3) * matmul_eps(rows.device)
+        kernels = kernels_for(rows, compiled and self.compiled_fits)
+        if kernels is not None:
+            return Cell(*kernels.cell_search(rows.contiguous(), self.pool_aug, self.inv_gap,
+                                             err_scale, self.pool_max_sq, self.shrink, PLANES))
         d = rows.shape[0]
         cell = Cell.zeros(d, self.inv_gap.shape[0], rows.device)
         rows_aug = _with_ones(rows)
-        # |rounding error| of one expanded distance (a dot product of dim + 1 terms) is at
-        # most (dim + 1) u (||w||^2 + 3 max||p||^2), u = eps / 2; two enter each difference;
-        # this allowance is 4x that bound or more.
-        err_scale = 4 * (self.dim + 3) * matmul_eps(rows.device)
         with full_precision(rows.device):
             for start in range(0, d, chunk):
                 part = slice(start, start + chunk)

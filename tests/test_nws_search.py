@@ -17,6 +17,20 @@ from nws.search import (
 )
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "eager"])
+def compiled(request) -> bool:
+    """Run a searcher test on the compiled CPU kernels and on the eager reference."""
+    if request.param and cpu_kernels.compiled() is None:
+        pytest.skip("compiled CPU kernels not buildable here (the eager path is tested)")
+    return request.param
+
+
+def _searcher(cls, pool: torch.Tensor, compiled: bool):
+    searcher = cls(pool)
+    searcher.use_compiled = compiled
+    return searcher
+
+
 def _run(searcher, rows, **kw):
     """(index, changed) of one update: the searcher contract's two answers."""
     changed = searcher.update(rows, **kw)
@@ -59,11 +73,11 @@ def test_second_nearest_distance() -> None:
     torch.testing.assert_close(got.d2, torch.tensor([0.9, 1.5]))
 
 
-def test_certificates_track_brute_force_while_rows_move() -> None:
+def test_certificates_track_brute_force_while_rows_move(compiled) -> None:
     g = torch.Generator().manual_seed(3)
     pool = torch.randn(256, 9, generator=g)
     rows = torch.randn(2000, 9, generator=g)
-    certs = Certificates(pool)
+    certs = _searcher(Certificates, pool, compiled)
     searched = []
     for step in range(8):
         scale = 0.3 if step % 4 == 3 else 0.01  # mostly small moves, now and then large
@@ -75,11 +89,11 @@ def test_certificates_track_brute_force_while_rows_move() -> None:
     assert min(searched[1:]) < 500  # small moves: most rows are certified, not searched
 
 
-def test_certificates_on_integer_ties() -> None:
+def test_certificates_on_integer_ties(compiled) -> None:
     g = torch.Generator().manual_seed(4)
     pool = torch.randint(-2, 3, (32, 3), generator=g).float()
     rows = torch.randint(-2, 3, (500, 3), generator=g).float()
-    certs = Certificates(pool)
+    certs = _searcher(Certificates, pool, compiled)
     for _ in range(6):
         index, _ = _run(certs, rows)
         assert torch.equal(index, brute_force(rows, pool))
@@ -87,7 +101,7 @@ def test_certificates_on_integer_ties() -> None:
         rows = rows + move * (torch.rand(len(rows), 1, generator=g) < 0.2)
 
 
-def test_hint_certifies_copies_of_pool_entries() -> None:
+def test_hint_certifies_copies_of_pool_entries(compiled) -> None:
     g = torch.Generator().manual_seed(5)
     pool = torch.randn(128, 9, generator=g)
     pool[100] = pool[7]  # a copy of entry 100 must still map to 7
@@ -95,7 +109,7 @@ def test_hint_certifies_copies_of_pool_entries() -> None:
     hint[:10] = 100
     rows = pool[hint].clone()
     rows[-50:] += 0.5  # not copies: these must be searched
-    certs = Certificates(pool)
+    certs = _searcher(Certificates, pool, compiled)
     index, searched = _run(certs, rows, hint=hint)
     assert torch.equal(index, brute_force(rows, pool))
     assert (index[:10] == 7).all()
@@ -131,11 +145,11 @@ def cell_boundary_distance(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tens
     return bisector.amin(1)
 
 
-def test_certificate_radius_is_the_cell_distance_and_never_more() -> None:
+def test_certificate_radius_is_the_cell_distance_and_never_more(compiled) -> None:
     g = torch.Generator().manual_seed(7)
     pool = torch.randn(256, 9, generator=g)
     rows = torch.randn(3000, 9, generator=g) * 1.5
-    certs = Certificates(pool)
+    certs = _searcher(Certificates, pool, compiled)
     certs.update(rows)
     exact = cell_boundary_distance(rows, pool).float()
     assert (certs.radius <= exact).all()  # a radius past the boundary would be a wrong skip
@@ -268,13 +282,13 @@ def test_compiled_kernels_can_be_switched_off(monkeypatch) -> None:
     assert cpu_kernels._build() is None
 
 
-def test_small_layers_are_searched_in_full_and_exactly() -> None:
+def test_small_layers_are_searched_in_full_and_exactly(compiled) -> None:
     g = torch.Generator().manual_seed(10)
     pool, rows = torch.randn(512, 9, generator=g), torch.randn(3000, 9, generator=g)
     assert isinstance(searcher_for(pool, SMALL_LAYER_ROWS), FullSearch)
     assert isinstance(searcher_for(pool, SMALL_LAYER_ROWS + 1), Certificates)
     assert isinstance(searcher_for(pool[:, :1], 10), ScalarLookup)
-    full = FullSearch(pool)
+    full = _searcher(FullSearch, pool, compiled)
     for _ in range(3):  # every call searches every row
         rows = rows + 0.1 * torch.randn(rows.shape, generator=g)
         index, changed = _run(full, rows, chunk=1024)
@@ -282,3 +296,33 @@ def test_small_layers_are_searched_in_full_and_exactly() -> None:
         assert torch.equal(index, brute_force(rows, pool))
     where = torch.tensor([2999, 0, 7])
     assert torch.equal(full.kernels(where), pool[index[where]])
+
+
+@pytest.mark.parametrize("size", [512, 40, 13], ids=["512", "40", "13-eager"])
+@pytest.mark.parametrize("values", ["floats", "integers"])
+def test_compiled_cell_search_equals_the_eager_one(size: int, values: str) -> None:
+    """The compiled search (one row at a time, fused multiply-adds) and the chunked eager
+    product: the same entries and planes, distances within their float16 storage step. Pools
+    not in whole 8-entry blocks (13) take the eager path. Integer values (exact distances, many
+    ties), a duplicated entry and rows on entries exercise the tie rules; a NaN row goes to
+    entry 0 on both."""
+    if cpu_kernels.compiled() is None:
+        pytest.skip("compiled CPU kernels not buildable here (the eager path is tested)")
+    g = torch.Generator().manual_seed(14)
+    if values == "floats":
+        pool, rows = torch.randn(size, 9, generator=g), torch.randn(3000, 9, generator=g)
+    else:
+        pool = torch.randint(-1, 2, (size, 9), generator=g).float()
+        rows = torch.randint(-1, 2, (3000, 9), generator=g).float()
+    pool[size - 1] = pool[1]  # a later copy: never nearest, bounds nothing
+    rows = torch.cat([rows, pool[:8]])
+    cells = Certificates(pool).cells
+    fast, ref = cells.search(rows, 512, True), cells.search(rows, 512, False)
+    assert torch.equal(fast.index.long(), brute_force(rows, pool))
+    assert torch.equal(fast.index, ref.index) and torch.equal(fast.planes, ref.planes)
+    for name in ("radius", "beyond"):
+        a, b = getattr(fast, name).float(), getattr(ref, name).float()
+        torch.testing.assert_close(a, b, rtol=2.0**-9, atol=1e-6)
+    nan_row = torch.full((1, 9), float("nan"))
+    assert cells.search(nan_row, 512, True).index.item() == 0
+    assert cells.search(nan_row, 512, False).index.item() == 0

@@ -22,6 +22,8 @@ A layer searches through :func:`searcher_for` (the contract: :class:`Searcher`):
 - :class:`ScalarLookup` (1x1 layers: scalar pools) looks every row up in a table of cells.
 
 Searches run in float32 even inside an autocast (AMP) region: see :func:`full_precision`.
+On CPU the searches and the certificates' check run as compiled loops where they build
+(:mod:`nws.cpu_kernels`); the eager code here is their reference, and the tests run both.
 """
 
 from __future__ import annotations

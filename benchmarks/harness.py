@@ -4,12 +4,15 @@ For each task t: build the model (init stream seeded), train, ``finish_task``, s
 artifact store in one transaction, then rebuild every task j <= t from the store alone and
 evaluate it (row R[t][j] of the accuracy matrix). A run killed at any point and restarted
 with the same command continues after its last committed task; a task committed to the
-store but not yet evaluated is evaluated, not retrained.
+store but not yet evaluated is evaluated, not retrained; a task killed while training
+continues after its last finished epoch (``checkpoints/`` in the run folder, one file per
+training phase, deleted once the task is in the store).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import platform
@@ -170,7 +173,8 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
             continue
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, device, protocol,
-                        desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}")
+                        desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
+                        checkpoints=results.dir / "checkpoints")
         else:
             log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
         rows = _evaluate_after(method, bench, tasks, t, store, device, protocol, cfg)
@@ -203,15 +207,23 @@ def _clock(seconds: float) -> str:
 
 
 def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
-                device: torch.device, protocol: Protocol, desc: str) -> None:
+                device: torch.device, protocol: Protocol, desc: str,
+                checkpoints: Path) -> None:
+    """Train task ``info`` and commit it to the store. Each training phase checkpoints after
+    every epoch; a resumed task replays its phases in order, and what a method does between
+    them (PackNet's pruning, NWS's k-means pools) runs again on the restored weights and
+    RNG state, so it repeats exactly."""
     seed_global(cfg.seed, info.index, "init")
     model = method.model_for_task(info, store).to(device)
     stats = FitStats()
+    calls = itertools.count()
+    prefix = f"task{info.index:03d}-"
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
         fit(m, method, proto, task.train, device=device, seed=cfg.seed, task=info.index,
             phase=phase, num_workers=cfg.num_workers, progress=cfg.progress,
-            desc=f"{desc} [{phase}]", stats=stats)
+            desc=f"{desc} [{phase}]", stats=stats,
+            checkpoint=checkpoints / f"{prefix}{next(calls)}-{phase}.pt")
 
     phase_fit(model, protocol, "train")
     method.finish_task(info, model, phase_fit)
@@ -221,6 +233,8 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
         tx.set_task_meta(info.index, {"train_seconds": round(stats.seconds, 3),
                                       "train_steps": stats.steps,
                                       "final_train_loss": stats.final_loss})
+    for done in checkpoints.glob(f"{prefix}*"):  # the task is in the store: not needed now
+        done.unlink()
 
 
 def _evaluate_after(method: Method, bench: Benchmark, tasks: tuple[TaskInfo, ...], t: int,

@@ -1,13 +1,20 @@
-"""The training loop the harness owns: optimiser, schedule, AMP, seeded loaders, progress."""
+"""The training loop the harness owns: optimiser, schedule, AMP, seeded loaders, progress,
+and a checkpoint after every epoch to resume a killed phase from."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +24,8 @@ from tqdm.auto import tqdm
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
 from benchmarks.seeding import derive_seed, generator, seed_global
+
+log = logging.getLogger("benchmarks")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -126,21 +135,93 @@ def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_work
     )
 
 
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "random": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitStats,
+                     running: torch.Tensor | None) -> None:
+    """Everything the phase's remaining epochs depend on, written atomically (a kill while
+    writing leaves the previous checkpoint)."""
+    state = {"epochs_done": epochs_done, "model": trainer.model.state_dict(),
+             "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict(),
+             "scaler": trainer.scaler.state_dict(), "nonfinite_streak": trainer.nonfinite_streak,
+             "stats": asdict(stats), "running": None if running is None else running.item(),
+             "rng": _rng_state()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, trainer: Trainer, stats: FitStats
+                     ) -> tuple[int, torch.Tensor | None]:
+    """Restore a phase from ``path``; returns (epochs done, running loss). A missing or
+    unreadable file (a disk that filled up) starts the phase over: it is only a cache."""
+    if not path.exists():
+        return 0, None
+    try:  # our own file, holding numpy's RNG state: not loadable with weights_only
+        state = torch.load(path, map_location=trainer.device, weights_only=False)
+    except Exception as err:  # any unreadable file: retrain the phase
+        log.warning("checkpoint %s is unreadable (%s); this phase starts over", path, err)
+        return 0, None
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit this model (was the code changed since it was "
+            f"written?); delete it to retrain this phase from its start") from err
+    trainer.opt.load_state_dict(state["opt"])
+    trainer.sched.load_state_dict(state["sched"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    trainer.nonfinite_streak = state["nonfinite_streak"]
+    for name, value in state["stats"].items():
+        setattr(stats, name, value)
+    _set_rng_state(state["rng"])
+    running = state["running"]
+    return state["epochs_done"], None if running is None else torch.tensor(running)
+
+
 def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, *,
         device: torch.device, seed: int, task: int, phase: str, num_workers: int = 0,
-        progress: bool = True, desc: str = "", stats: FitStats | None = None) -> FitStats:
-    """Train ``model`` on ``dataset`` for ``protocol.epochs`` epochs (one phase of a task)."""
+        progress: bool = True, desc: str = "", stats: FitStats | None = None,
+        checkpoint: Path | None = None) -> FitStats:
+    """Train ``model`` on ``dataset`` for ``protocol.epochs`` epochs (one phase of a task).
+
+    ``checkpoint``: after every epoch the model, optimiser, schedule, loss scaler, statistics
+    and RNG state are saved there, and a phase that finds one continues after its last
+    finished epoch (one that finds its phase finished only restores it). Each epoch's data
+    order and augmentation are seeded by (seed, task, phase, epoch), so on CPU with
+    ``--deterministic`` the result is bit-identical to an uninterrupted run; the epoch that
+    was running when the run was killed is lost. ``stats.seconds`` counts the epochs kept.
+    """
     stats = stats if stats is not None else FitStats()
     model.to(device).train()
     trainer = Trainer(model, method, protocol, device)
     per_epoch = len(dataset) // protocol.batch_size if len(dataset) > protocol.batch_size else 1
     if protocol.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
-    bar = tqdm(total=protocol.epochs * per_epoch, desc=desc, disable=not progress,
-               leave=False, unit="step", dynamic_ncols=True, mininterval=0.5)
+    first, running = _load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
+    if first:
+        log.info("%s: resumed after epoch %d/%d from %s", desc or phase, first,
+                 protocol.epochs, checkpoint)
+    bar = tqdm(total=protocol.epochs * per_epoch, initial=first * per_epoch, desc=desc,
+               disable=not progress, leave=False, unit="step", dynamic_ncols=True,
+               mininterval=0.5)
     start = time.perf_counter()
-    running = None
-    for epoch in range(protocol.epochs):
+    for epoch in range(first, protocol.epochs):
         dl = loader(dataset, protocol.batch_size, seed, (task, phase, epoch), num_workers)
         for i, (x, y) in enumerate(dl):
             if i >= per_epoch:
@@ -156,6 +237,11 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                                 lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
             bar.update(1)
         trainer.sched.step()
+        if checkpoint is not None:
+            now = time.perf_counter()
+            stats.seconds, start = stats.seconds + now - start, now
+            stats.final_loss = float(running) if running is not None else float("nan")
+            _save_checkpoint(checkpoint, trainer, epoch + 1, stats, running)
     bar.close()
     stats.seconds += time.perf_counter() - start
     stats.final_loss = float(running) if running is not None else float("nan")

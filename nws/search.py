@@ -80,8 +80,16 @@ def _with_ones(rows: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_index(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int = CHUNK_ROWS,
-                  pool_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of the nearest pool entry for every row (ties: lowest index)."""
+                  pool_sq: torch.Tensor | None = None, compiled: bool = True) -> torch.Tensor:
+    """Index of the nearest pool entry for every row (ties: lowest index). ``compiled``: on
+    CPU, the compiled per-row search where it builds (k-means' assignments: 20 x 65,536 rows
+    per layer)."""
+    kernels = kernels_for(rows, compiled and pool.dtype == torch.float32 and rows.ndim == 2
+                          and pool.ndim == 2 and pool.shape[1] > 1
+                          and rows.shape[1] == pool.shape[1] and _compiled_pool_fits(pool))
+    if kernels is not None:
+        pool_sq = _pool_sq_norms(pool) if pool_sq is None else pool_sq
+        return kernels.nearest_entry(rows.contiguous(), _expanded_pool(pool, pool_sq)).long()
     return _search(rows, pool, chunk=chunk, pool_sq=pool_sq, second=False).index
 
 

@@ -114,3 +114,49 @@ def test_finetune_learns_split_digits_from_the_store(tmp_path):
     assert (own.value >= 0.90).all(), own[["task_name", "value"]]
     final = df[(df.metric == "accuracy") & (df.after_task == 4)]
     assert (final.set_index("task").value == own.set_index("task").value).all()  # no forgetting
+
+
+def _steps_per_task(run_dir: Path) -> list[int]:
+    rows = load_rows(run_dir)
+    own = rows[(rows.metric == "train_steps")].sort_values("task")
+    return [int(v) for v in own.value]
+
+
+@pytest.mark.parametrize(("method", "num_tasks"), [("finetune", 2), ("packnet", 1), ("nws", 1)])
+def test_a_run_killed_mid_task_resumes_after_its_last_epoch(tmp_path, monkeypatch, method,
+                                                            num_tasks):
+    """Killed in the last epoch of the last task's last training phase: the resumed run
+    restores the finished phases and epochs from their checkpoints, replays what the method
+    does between phases (PackNet's pruning; NWS's k-means pools after task 0's plain phase),
+    trains only the lost epoch, and ends bit-identical to an uninterrupted run."""
+    from benchmarks import training
+
+    def config(out: Path) -> RunConfig:
+        return RunConfig(method=method, benchmark="synthetic", protocol="smoke", out=str(out),
+                         progress=False, num_tasks=num_tasks, deterministic=True,
+                         protocol_overrides={"epochs": 3})
+
+    whole = run(config(tmp_path / "whole"))
+    kill_after = sum(_steps_per_task(whole)) - 2
+    step, calls = training.Trainer.step, [0]
+
+    def counted(self, x, y):
+        calls[0] += 1
+        if calls[0] > kill_after:
+            raise KeyboardInterrupt  # as if killed in the phase's last epoch (2 steps)
+        return step(self, x, y)
+
+    monkeypatch.setattr(training.Trainer, "step", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "resumed"))
+    run_dir = next((tmp_path / "resumed").iterdir())
+    assert list((run_dir / "checkpoints").glob("task*.pt"))  # finished epochs were kept
+    calls[0], kill_after = 0, 10**9
+    run(config(tmp_path / "resumed"))
+    assert calls[0] == 2  # only the lost epoch was trained again
+    assert not list((run_dir / "checkpoints").glob("*"))  # removed once tasks are stored
+    assert _blobs(whole) == _blobs(run_dir)
+    a, b = (load_rows(d) for d in (whole, run_dir))
+    a, b = (x[x.metric != "train_seconds"].sort_values(["after_task", "task", "metric"])
+            .drop(columns="run_id").reset_index(drop=True) for x in (a, b))
+    pd.testing.assert_frame_equal(a, b)

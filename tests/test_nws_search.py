@@ -43,12 +43,15 @@ def brute_force(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     return d.argmin(1)
 
 
-def test_chunked_search_equals_brute_force_on_floats() -> None:
+def test_chunked_search_equals_brute_force_on_floats(compiled) -> None:
     g = torch.Generator().manual_seed(1)
     rows, pool = torch.randn(3000, 9, generator=g), torch.randn(512, 9, generator=g)
     expected = brute_force(rows, pool)
     for chunk in (7, 1024, 5000):
-        assert torch.equal(nearest_index(rows, pool, chunk=chunk), expected)
+        assert torch.equal(nearest_index(rows, pool, chunk=chunk, compiled=compiled), expected)
+    pool[300] = pool[20]  # a duplicate: the lower index wins
+    ties = torch.cat([rows, pool[[300, 20]]])
+    assert torch.equal(nearest_index(ties, pool, compiled=compiled), brute_force(ties, pool))
 
 
 def test_ties_go_to_the_lowest_index() -> None:

@@ -84,30 +84,26 @@ def nearest_index(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int = CHUNK_
     """Index of the nearest pool entry for every row (ties: lowest index). ``compiled``: on
     CPU, the compiled per-row search where it builds (k-means' assignments: 20 x 65,536 rows
     per layer)."""
-    kernels = kernels_for(rows, compiled and pool.dtype == torch.float32 and rows.ndim == 2
-                          and pool.ndim == 2 and pool.shape[1] > 1
-                          and rows.shape[1] == pool.shape[1] and _compiled_pool_fits(pool))
-    if kernels is not None:
-        pool_sq = _pool_sq_norms(pool) if pool_sq is None else pool_sq
-        return kernels.nearest_entry(rows.contiguous(), _expanded_pool(pool, pool_sq)).long()
-    return _search(rows, pool, chunk=chunk, pool_sq=pool_sq, second=False).index
+    return _search(rows, pool, chunk=chunk, pool_sq=pool_sq, second=False,
+                   compiled=compiled).index
 
 
 def nearest(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int = CHUNK_ROWS,
             pool_sq: torch.Tensor | None = None) -> Nearest:
     """Nearest index plus the nearest and second-nearest distances (direct differences)."""
-    return _search(rows, pool, chunk=chunk, pool_sq=pool_sq, second=True)
+    return _search(rows, pool, chunk=chunk, pool_sq=pool_sq, second=True, compiled=False)
 
 
 @torch.no_grad()
 def _search(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int,
-            pool_sq: torch.Tensor | None, second: bool) -> Nearest:
+            pool_sq: torch.Tensor | None, second: bool, compiled: bool) -> Nearest:
     with full_precision(rows.device):
-        return _search_chunks(rows, pool, chunk=chunk, pool_sq=pool_sq, second=second)
+        return _search_chunks(rows, pool, chunk=chunk, pool_sq=pool_sq, second=second,
+                              compiled=compiled)
 
 
 def _search_chunks(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int,
-                   pool_sq: torch.Tensor | None, second: bool) -> Nearest:
+                   pool_sq: torch.Tensor | None, second: bool, compiled: bool) -> Nearest:
     if rows.ndim != 2 or pool.ndim != 2 or rows.shape[1] != pool.shape[1]:
         raise ValueError(f"rows {tuple(rows.shape)} and pool {tuple(pool.shape)} must be "
                          "(d, D) and (n, D)")
@@ -117,7 +113,7 @@ def _search_chunks(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int,
     pool_sq = _pool_sq_norms(pool) if pool_sq is None else pool_sq
     pool_aug = _expanded_pool(pool, pool_sq)
     if not second:
-        index = _argmin_chunks(rows, pool_aug, chunk)
+        index = _nearest_rows(rows, pool, pool_aug, chunk, compiled)
         return Nearest(index, index.new_empty(0, dtype=rows.dtype),
                        index.new_empty(0, dtype=rows.dtype))
     d = rows.shape[0]
@@ -132,6 +128,17 @@ def _search_chunks(rows: torch.Tensor, pool: torch.Tensor, *, chunk: int,
         d1[part] = (rows[part] - pool[best]).norm(dim=1)
         d2[part] = (rows[part] - pool[runner]).norm(dim=1)
     return Nearest(index, d1, d2)
+
+
+def _nearest_rows(rows: torch.Tensor, pool: torch.Tensor, pool_aug: torch.Tensor, chunk: int,
+                  compiled: bool) -> torch.Tensor:
+    """Nearest entry (int64) of every row: on CPU the compiled per-row search where it builds
+    and takes the pool (``compiled``), else the chunked product and argmin."""
+    kernels = kernels_for(rows, compiled and pool.dtype == rows.dtype
+                          and _compiled_pool_fits(pool))
+    if kernels is not None:
+        return kernels.nearest_entry(rows.contiguous(), pool_aug).long()
+    return _argmin_chunks(rows, pool_aug, chunk)
 
 
 def _argmin_chunks(rows: torch.Tensor, pool_aug: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -294,12 +301,8 @@ class FullSearch(_VectorSearcher):
         """Exact indices for every row (None: all were recomputed). ``hint`` is accepted for
         :class:`Certificates`' interface."""
         rows = rows.detach().to(self.pool.dtype)
-        if (kernels := kernels_for(rows, self.use_compiled
-                                   and _compiled_pool_fits(self.pool))) is not None:
-            self.index = kernels.nearest_entry(rows.contiguous(), self.pool_aug).long()
-        else:
-            with full_precision(rows.device):
-                self.index = _argmin_chunks(rows, self.pool_aug, chunk)
+        with full_precision(rows.device):
+            self.index = _nearest_rows(rows, self.pool, self.pool_aug, chunk, self.use_compiled)
         self.searched_last = rows.shape[0]
         return None
 

@@ -96,6 +96,14 @@ class QuantConv(nn.Module):
         u = (x.float() / alpha).clamp(0, 1) * self.qa
         return ste(u.round(), u) * (alpha / self.qa)
 
+    def get_extra_state(self) -> dict[str, bool]:
+        """The LSQ init flag travels with the state dict: a training phase resumed from a
+        checkpoint keeps its learned ``alpha_a`` instead of re-initialising it from data."""
+        return {"act_initialised": self.act_initialised}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        self.act_initialised = bool(state["act_initialised"])
+
     def load_codes(self, codes: torch.Tensor) -> None:
         """Become the inference layer of stored codes (drops the latent weight)."""
         self.weight = None

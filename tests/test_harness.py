@@ -122,13 +122,16 @@ def _steps_per_task(run_dir: Path) -> list[int]:
     return [int(v) for v in own.value]
 
 
-@pytest.mark.parametrize(("method", "num_tasks"), [("finetune", 2), ("packnet", 1), ("nws", 1)])
+@pytest.mark.parametrize(("method", "num_tasks"), [("finetune", 2), ("packnet", 1), ("nws", 1),
+                                                  ("ksm", 1), ("aqd", 1)])
 def test_a_run_killed_mid_task_resumes_after_its_last_epoch(tmp_path, monkeypatch, method,
                                                             num_tasks):
     """Killed in the last epoch of the last task's last training phase: the resumed run
     restores the finished phases and epochs from their checkpoints, replays what the method
     does between phases (PackNet's pruning; NWS's k-means pools after task 0's plain phase),
-    trains only the lost epoch, and ends bit-identical to an uninterrupted run."""
+    trains only the lost epoch, and ends bit-identical to an uninterrupted run. (AQD failed
+    this until its LSQ init flag went into the state dict: resumed, it re-initialised its
+    activation scales from data.)"""
     from benchmarks import training
 
     def config(out: Path) -> RunConfig:

@@ -171,12 +171,17 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
         t = info.index
         if t in finished:
             continue
+        checkpoints = results.dir / "checkpoints"
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, device, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
-                        checkpoints=results.dir / "checkpoints")
+                        checkpoints=checkpoints)
         else:
             log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
+        # The task is in the store: its phases' checkpoints are not needed now (also those a
+        # kill between the commit and this line left behind).
+        for done in checkpoints.glob(f"{_checkpoint_prefix(t)}*"):
+            done.unlink()
         rows = _evaluate_after(method, bench, tasks, t, store, device, protocol, cfg)
         meta = store.task_meta(t)
         measured = {m: meta.get(m) for m in ("train_seconds", "train_steps", "final_train_loss")}
@@ -206,6 +211,11 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _checkpoint_prefix(task: int) -> str:
+    """File name prefix of a task's phase checkpoints (``task003-1-retrain.pt``)."""
+    return f"task{task:03d}-"
+
+
 def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
                 device: torch.device, protocol: Protocol, desc: str,
                 checkpoints: Path) -> None:
@@ -217,7 +227,7 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
     model = method.model_for_task(info, store).to(device)
     stats = FitStats()
     calls = itertools.count()
-    prefix = f"task{info.index:03d}-"
+    prefix = _checkpoint_prefix(info.index)
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
         fit(m, method, proto, task.train, device=device, seed=cfg.seed, task=info.index,
@@ -233,8 +243,6 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
         tx.set_task_meta(info.index, {"train_seconds": round(stats.seconds, 3),
                                       "train_steps": stats.steps,
                                       "final_train_loss": stats.final_loss})
-    for done in checkpoints.glob(f"{prefix}*"):  # the task is in the store: not needed now
-        done.unlink()
 
 
 def _evaluate_after(method: Method, bench: Benchmark, tasks: tuple[TaskInfo, ...], t: int,

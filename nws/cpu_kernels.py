@@ -240,7 +240,7 @@ std::vector<torch::Tensor> cell_search(torch::Tensor rows, torch::Tensor pool_au
       idx[r] = static_cast<int32_t>(best);
       // floor: the nearest expanded distance plus a bound on any one's rounding error
       const float floor = near + err_scale * (norm + pool_sq3);
-      if (std::isnan(floor)) {  // a NaN row: no certificate, searched again at every step
+      if (std::isnan(floor)) {  // a NaN row: radius 0, no planes (its movement is NaN too)
         rad[r] = bey[r] = c10::Half(0.0f);
         for (int64_t q = 0; q < k; ++q) pl[r * k + q] = static_cast<int16_t>(best);
         continue;

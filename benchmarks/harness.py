@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.archs import Pretrained
 from benchmarks.data import BENCHMARKS, Benchmark
+from benchmarks.device_policy import resolve_device
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
 from benchmarks.protocols import Protocol, resolve_protocol
@@ -61,12 +62,6 @@ class RunConfig:
     protocol_overrides: dict[str, Any] = field(default_factory=dict)
     benchmark_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_benchmark(cfg: RunConfig) -> Benchmark:

@@ -10,6 +10,10 @@ are trained by beta x mean((sg(W) - K)^2)). Under DDP every rank holds the same 
 step, so the assignments and therefore the EMA pools agree without communication; pool
 gradients (gradient rule) are all-reduced by hand because pools are buffers.
 
+Defaults are the authors' pretraining (REFERENCE §1; ``--help`` names each value's source):
+SGD lr 0.01 x0.1 at epoch 100 of 160, momentum 0.9 with Nesterov, weight decay 4e-5, beta 0.5,
+SyncBatchNorm under DDP on GPUs (``--no-sync-bn`` opts out; CPU runs keep per-process BN).
+
 Resumable: ``<out>/checkpoint.pt`` is replaced atomically after every epoch and a rerun of the
 same command continues from it. AMP: bf16 by default on CUDA (the authors saw NaN with fp16);
 fp16 runs with loss scaling; a non-finite loss skips the step (no pool update) and more than
@@ -23,8 +27,9 @@ import argparse
 import contextlib
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,25 +44,40 @@ from nws.pools_io import pools_file_from_model, save_pools
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+CODE = "authors' code"
+
+
+def _opt(default: object, source: str, what: str = "") -> Any:
+    """A config field whose ``--help`` names its source (REFERENCE §1: authors' pretraining)."""
+    return field(default=default, metadata={"help": f"{what} [{source}]".strip()})
+
+
 @dataclass
 class PretrainConfig:
-    epochs: int = 160  # authors' code
-    lr: float = 0.01  # authors' code
-    milestones: tuple[int, ...] = (100,)  # authors' code: x0.1 at epoch 100
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    batch_size: int = 256  # per process (authors: 2048 over 8 GPUs)
-    pool_size: int = 512
-    group_size: int = 1
-    rule: str = "ema"  # "ema" (authors' code) | "gradient" (paper Eq. 3/4)
-    beta: float = 1.0  # weight of the similarity / distillation terms
-    decay: float = DECAY
-    eps: float = EPS
-    amp: str = "bf16"  # "bf16" | "fp16" | "none" (CUDA only)
-    max_steps: int | None = None  # stop early (smoke runs)
-    max_bad_steps: int = 20
-    seed: int = 0
-    workers: int = 4
+    """Pretraining settings; defaults are the authors' ImageNet pretraining (REFERENCE §1)."""
+
+    epochs: int = _opt(160, CODE)
+    lr: float = _opt(0.01, CODE, "initial SGD learning rate")
+    milestones: tuple[int, ...] = _opt((100,), CODE, "epochs where lr is multiplied by 0.1")
+    momentum: float = _opt(0.9, CODE)
+    nesterov: bool = _opt(True, CODE, "Nesterov momentum")
+    weight_decay: float = _opt(4e-5, CODE + " (paper §5.4's 1e-5 is for task learning)")
+    batch_size: int = _opt(256, "ours: per process; authors' code: 2048 over 8 GPUs")
+    pool_size: int = _opt(512, "paper §4.3")
+    group_size: int = _opt(1, "paper §4.1")
+    rule: str = _opt("ema", "ema: " + CODE + "; gradient: paper Eq. 3/4", "pool update rule")
+    beta: float = _opt(0.5, CODE + "; paper §5.4 (Eq. 3)",
+                       "weight of the similarity / distillation terms")
+    decay: float = _opt(DECAY, CODE, "EMA decay of the pools")
+    eps: float = _opt(EPS, CODE, "EMA Laplace smoothing")
+    sync_bn: bool = _opt(True, CODE, "SyncBatchNorm when more than one process (DDP) runs "
+                         "on GPUs; on CPU (gloo) BN stays per process")
+    amp: str = _opt("bf16", "ours: the authors' fp16 gave NaN",
+                    "bf16 | fp16 | none (CUDA only)")
+    max_steps: int | None = _opt(None, "ours", "stop early (smoke runs)")
+    max_bad_steps: int = _opt(20, "ours", "non-finite losses in a row before stopping")
+    seed: int = _opt(0, "ours")
+    workers: int = _opt(4, "ours", "data loader processes")
 
 
 def init_nws_model(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
@@ -83,6 +103,22 @@ def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def use_sync_bn(cfg: PretrainConfig, world_size: int, device: torch.device) -> bool:
+    """SyncBatchNorm as in the authors' DDP pretraining: more than one process, not opted out
+    (``--no-sync-bn``), on an accelerator (torch's SyncBatchNorm refuses CPU tensors, so CPU
+    runs under gloo keep per-process BN)."""
+    return cfg.sync_bn and world_size > 1 and device.type != "cpu"
+
+
+def with_sync_bn(model: nn.Module, cfg: PretrainConfig, world_size: int,
+                 device: torch.device) -> nn.Module:
+    """``model`` with every BN layer converted to SyncBatchNorm where :func:`use_sync_bn`
+    says so (same parameters and state dict keys), else ``model`` unchanged."""
+    if not use_sync_bn(cfg, world_size, device):
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _autocast(device: torch.device, amp: str):
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
@@ -102,11 +138,13 @@ def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank = dist.get_rank() if _is_dist() else 0
+    model = with_sync_bn(model, cfg, dist.get_world_size() if _is_dist() else 1, device)
     model.to(device)
     pools = [layer.pool for layer in nws_layers(model).values()]
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params}] + ([{"params": pools}] if cfg.rule == "gradient" else [])
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), 0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
@@ -185,25 +223,36 @@ def image_folder(root: str | Path, size: int) -> Dataset:
     return datasets.ImageFolder(str(root), tf)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def parse_args(argv: list[str] | None = None) -> tuple[PretrainConfig, dict[str, Any]]:
+    """The config (every field a flag; booleans as ``--x/--no-x``) and the run's own
+    arguments (``data``, ``out``, ``arch``, ``image_size``)."""
     defaults = PretrainConfig()
     p = argparse.ArgumentParser(prog="python -m nws.pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="ImageFolder root (class folders)")
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default="resnet18", help="a name from benchmarks.archs.ARCHS")
     p.add_argument("--image-size", type=int, default=224)
-    for field, value in asdict(defaults).items():
-        flag = "--" + field.replace("_", "-")
-        if field == "milestones":
-            p.add_argument(flag, type=int, nargs="*", default=list(value))
-        elif field == "max_steps":
-            p.add_argument(flag, type=int, default=None)
+    for f in fields(PretrainConfig):
+        flag, value, help_ = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), \
+            f.metadata.get("help")
+        if f.name == "milestones":
+            p.add_argument(flag, type=int, nargs="*", default=list(value), help=help_)
+        elif f.name == "max_steps":
+            p.add_argument(flag, type=int, default=None, help=help_)
+        elif isinstance(value, bool):  # --nesterov / --no-nesterov, --sync-bn / --no-sync-bn
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
+                           help=help_)
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, help=help_)
     args = vars(p.parse_args(argv))
-    data, out, arch, size = (args.pop(k) for k in ("data", "out", "arch", "image_size"))
+    run = {k: args.pop(k) for k in ("data", "out", "arch", "image_size")}
     args["milestones"] = tuple(args["milestones"])
-    cfg = PretrainConfig(**args)
+    return PretrainConfig(**args), run
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg, run = parse_args(argv)
+    data, out, arch, size = run["data"], run["out"], run["arch"], run["image_size"]
     device = None
     if "LOCAL_RANK" in os.environ:  # torchrun
         local = int(os.environ["LOCAL_RANK"])

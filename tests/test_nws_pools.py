@@ -57,14 +57,17 @@ def test_import_authors_checkpoint(tmp_path) -> None:
                "head": torch.randn(3, 8, 1, 1)}
     sd = {f"module.{k}.qtz.embed": v for k, v in embeds.items()}
     sd |= {f"module.{k}.weight": v for k, v in weights.items()}
-    sd["module.1.running_mean"] = torch.arange(4.0)
+    bn = {"weight": torch.rand(4), "bias": torch.randn(4), "running_mean": torch.arange(4.0),
+          "running_var": torch.rand(4) + 0.5, "num_batches_tracked": torch.tensor(7)}
+    sd |= {f"module.bn_a.{k}": v for k, v in bn.items()}  # their name: paired by order
     torch.save({"model": sd, "epoch": 160}, tmp_path / "KP_resume.pt")
     pf = nws.import_authors_pools(tmp_path / "KP_resume.pt", model)
     assert list(pf.pools) == ["0", "2", "4"]  # matched in module order
     torch.testing.assert_close(pf.pools["0"], embeds["conv_a"].t())
     assert pf.pools["4"].shape == (512, 1)
     torch.testing.assert_close(pf.weights["4"], weights["head"].reshape(3, 8))
-    torch.testing.assert_close(pf.state["1.running_mean"], torch.arange(4.0))
+    for k, v in bn.items():
+        assert torch.equal(pf.state[f"1.{k}"], v)
     nws.nwsify(model, pools=pf.pools)  # the imported pools fit the model
     bad = {k: v for k, v in sd.items() if "conv_a.qtz" not in k} | {
         "module.conv_a.qtz.embed": torch.randn(4, 512)}

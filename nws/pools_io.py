@@ -75,18 +75,30 @@ def load_pools(path: str | Path) -> PoolsFile:
                      "import_authors_pools(path, model) (--opt pools=authors:PATH)")
 
 
-def _pair(ours: list[str], theirs: list[str], what: str, path: Path,
+Signature = tuple[int, ...]  # what must agree between paired layers (widths, kernel size)
+
+
+def _pair(ours: dict[str, Signature], theirs: dict[str, Signature], what: str, path: Path,
           key: str) -> dict[str, str]:
     """Our layer name -> the file's: by name where every one of ours is in the file, else
-    in module order (equal counts required; the error names the first unmatched key)."""
+    in module order. Unequal counts raise, naming where the two orders first part: the
+    first pair whose signatures differ, else the first layer without a counterpart."""
     if set(ours) <= set(theirs):
         return {n: n for n in ours}
     if len(ours) != len(theirs):
-        extra = (f"the model's {ours[len(theirs)]!r} has no counterpart"
-                 if len(ours) > len(theirs) else
-                 f"its {theirs[len(ours)] + key!r} has no counterpart in the model")
+        mine, file = list(ours.items()), list(theirs.items())
+        i = next((i for i, (a, b) in enumerate(zip(mine, file, strict=False))
+                  if a[1] != b[1]),
+                 min(len(mine), len(file)))
+        if i < min(len(mine), len(file)):
+            where = (f"they first differ at the model's {mine[i][0]!r} {mine[i][1]} vs the "
+                     f"file's {file[i][0] + key!r} {file[i][1]}")
+        elif len(mine) > len(file):
+            where = f"the model's {mine[i][0]!r} has no counterpart"
+        else:
+            where = f"the file's {file[i][0] + key!r} has no counterpart in the model"
         raise ValueError(f"{path} has {len(theirs)} {what} (keys '*{key}'), the model "
-                         f"{len(ours)}: {extra}")
+                         f"{len(ours)}; paired in module order, {where}")
     return dict(zip(ours, theirs, strict=True))
 
 
@@ -105,9 +117,11 @@ def _bn_state(sd: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict
     cannot tell apart two BN layers of equal width that the file stores in another order.
     """
     ours = _bn_layers(model)
-    theirs = [k.removesuffix(".running_mean") for k in sd if k.endswith(".running_mean")]
+    theirs = {k.removesuffix(".running_mean"): tuple(v.shape) for k, v in sd.items()
+              if k.endswith(".running_mean")}
+    mine = {n: (m.num_features,) for n, m in ours.items()}
     state = {}
-    for our_name, src in _pair(list(ours), theirs, "BatchNorm layers", path,
+    for our_name, src in _pair(mine, theirs, "BatchNorm layers", path,
                                ".running_mean").items():
         for key, own in ours[our_name].state_dict().items():
             value = sd.get(f"{src}.{key}")
@@ -168,9 +182,16 @@ def import_authors_pools(path: str | Path, model: nn.Module, linear: str = "last
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict with a 'model' state dict")
     sd = {k.removeprefix("module."): v for k, v in sd.items() if torch.is_tensor(v)}
-    theirs = [k.removesuffix(".qtz.embed") for k in sd if k.endswith(".qtz.embed")]
+    theirs = {}  # signature: (pool entry length, weights per output channel)
+    for k, embed in sd.items():
+        if k.endswith(".qtz.embed"):
+            src = k.removesuffix(".qtz.embed")
+            weight = sd.get(f"{src}.weight")
+            theirs[src] = (embed.shape[0], -1 if weight is None else weight[0].numel())
     ours = convertible_layers(model, linear)
-    names = _pair(list(ours), theirs, "NWS layers", path, ".qtz.embed")
+    mine = {n: (group_dim(m, group_size), m.weight[0].numel()) for n, m in ours.items()}
+    names = _pair(mine, theirs, "NWS layers", path,
+                  ".qtz.embed")
     pools, weights, used = {}, {}, set()
     for ours_name, mod in ours.items():
         src = names[ours_name]

@@ -115,10 +115,16 @@ def _edit(sd: dict, drop: str | None = None, **replace: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (dict(drop="module.layer4.1.conv2.1."),  # a BN layer fewer: the unmatched one is named
-     r"KP_bad\.pt has 19 BatchNorm layers .*the model 20: the model's 'layer4\.1\.bn2'"),
+    (dict(drop="module.layer4.1.conv2.1."),  # the last BN layer missing
+     r"KP_bad\.pt has 19 BatchNorm layers .*the model 20; paired in module order, the "
+     r"model's 'layer4\.1\.bn2' has no counterpart"),
+    # a BN layer missing inside layer3 (all 256 wide): named where the widths part
+    (dict(drop="module.layer3.0.conv1.1."),
+     r"KP_bad\.pt has 19 BatchNorm layers .*they first differ at the model's "
+     r"'layer3\.1\.bn2' \(256,\) vs the file's 'layer4\.0\.conv1\.1\.running_mean' \(512,\)"),
     ({"drop": None, "extra.1.running_mean": torch.zeros(3)},  # a BN layer more
-     r"KP_bad\.pt has 21 BatchNorm layers .*its 'extra\.1\.running_mean' has no counterpart"),
+     r"KP_bad\.pt has 21 BatchNorm layers .*the file's 'extra\.1\.running_mean' has no "
+     r"counterpart"),
     ({"drop": None, "layer2.0.conv1.1.running_var": torch.ones(64)},  # wrong width
      r"KP_bad\.pt: 'layer2\.0\.conv1\.1\.running_var' has shape \(64,\), the model's "
      r"'layer2\.0\.bn1\.running_var' needs \(128,\)"),
@@ -126,8 +132,10 @@ def _edit(sd: dict, drop: str | None = None, **replace: torch.Tensor) -> dict:
      r"KP_bad\.pt lacks 'conv1\.1\.bias' \(the model's 'bn1\.bias'\)"),
     ({"drop": None, "last_layer.weight": torch.zeros(100, 256, 1, 1)},  # head of another width
      r"KP_bad\.pt: 'last_layer\.weight' has shape \(100, 256, 1, 1\), the model's classifier"),
-    (dict(drop="module.layer3.0.shortcut.0."),  # an NWS layer fewer
-     r"KP_bad\.pt has 20 NWS layers .*the model 21"),
+    (dict(drop="module.layer3.0.shortcut.0."),  # an NWS layer fewer: where orders part
+     r"KP_bad\.pt has 20 NWS layers .*the model 21; paired in module order, they first "
+     r"differ at the model's 'layer3\.0\.downsample\.0' \(1, 128\) vs the file's "
+     r"'layer3\.1\.conv1\.0\.qtz\.embed' \(9, 2304\)"),
 ])
 def test_files_that_do_not_fit_are_refused_by_key(cifar100_file, tmp_path, change,
                                                    message) -> None:

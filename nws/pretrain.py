@@ -60,7 +60,7 @@ class PretrainConfig:
     lr: float = _opt(0.01, CODE, "initial SGD learning rate")
     milestones: tuple[int, ...] = _opt((100,), CODE, "epochs where lr is multiplied by 0.1")
     momentum: float = _opt(0.9, CODE)
-    nesterov: bool = _opt(True, CODE, "Nesterov momentum")
+    nesterov: bool = _opt(True, CODE, "Nesterov momentum (applies only with momentum > 0)")
     weight_decay: float = _opt(4e-5, CODE + " (paper §5.4's 1e-5 is for task learning)")
     batch_size: int = _opt(256, "ours: per process; authors' code: 2048 over 8 GPUs")
     pool_size: int = _opt(512, "paper §4.3")

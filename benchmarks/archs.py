@@ -178,18 +178,6 @@ def build(arch: str, num_classes: int = IMAGENET_CLASSES) -> nn.Module:
     return ARCHS.get(arch).build(num_classes)
 
 
-def _clean_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or one nested under 'state_dict'/'model'; strip 'module.'."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise ValueError("the weights file holds no state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
-
-
 def _torchvision_state_dict(arch: str) -> dict[str, torch.Tensor]:
     spec = ARCHS.get(arch)
     if spec.torchvision_weights is None:
@@ -208,7 +196,8 @@ def _torchvision_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 
 class Pretrained:
-    """Where a run's starting weights come from: 'imagenet', 'none', or a state-dict file."""
+    """Where a run's starting weights come from: 'imagenet', 'none', or a weights file (the
+    forms :mod:`benchmarks.weights_io` accepts: state dicts as saved, safetensors)."""
 
     def __init__(self, arch: str, source: str = "imagenet", seed: int = 0) -> None:
         ARCHS.get(arch)  # fail early on an unknown architecture
@@ -220,6 +209,8 @@ class Pretrained:
                 f"weights file {source!r} not found; pass an existing state-dict file, "
                 f"'imagenet' (torchvision download) or 'none' (random init)"
             )
+        if source not in ("imagenet", "none"):
+            self.state_dict  # noqa: B018  read a file now: a bad one stops before any run folder
 
     @functools.cached_property
     def state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -229,7 +220,9 @@ class Pretrained:
         if self.source == "imagenet":
             sd = _torchvision_state_dict(self.arch)
         else:
-            sd = _clean_state_dict(torch.load(self.source, map_location="cpu", weights_only=True))
+            from benchmarks.weights_io import load_state_dict  # imports this module
+
+            sd = load_state_dict(self.source)
         adapt = ARCHS.get(self.arch).adapt_weights
         return adapt(sd) if adapt else sd
 
@@ -246,14 +239,15 @@ class Pretrained:
             own = model.state_dict()
             mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
             if any(not k.startswith(head + ".") for k in mismatched):
-                raise ValueError(f"weights do not fit {self.arch}: shape mismatch in {mismatched}")
+                raise ValueError(f"weights {self.source} do not fit {self.arch}: shape mismatch "
+                                 f"in {mismatched[:5]}")
             if mismatched:  # a file with another head size: keep the random 1000-class head
                 sd = {k: v for k, v in sd.items() if k not in mismatched}
             missing, unexpected = model.load_state_dict(sd, strict=False)
             body_missing = [k for k in missing if not k.startswith(head + ".")]
             if body_missing or unexpected:
                 raise ValueError(
-                    f"weights do not fit {self.arch}: missing {body_missing[:5]}, "
+                    f"weights {self.source} do not fit {self.arch}: missing {body_missing[:5]}, "
                     f"unexpected {unexpected[:5]}"
                 )
         return model

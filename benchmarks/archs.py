@@ -178,6 +178,66 @@ def build(arch: str, num_classes: int = IMAGENET_CLASSES) -> nn.Module:
     return ARCHS.get(arch).build(num_classes)
 
 
+class InputTooSmallError(ValueError):
+    """The benchmark's images are smaller than the architecture can take (CLI exit 2)."""
+
+
+_MAX_SIZE = 4096  # the search for the smallest working size stops here
+# How torch's shape checks say an input is too small (pooling; a kernel wider than the input).
+_TOO_SMALL = ("Output size is too small", "greater than actual input size")
+
+
+@functools.cache
+def _fits(arch: str, size: int) -> bool:
+    """Whether one ``size`` x ``size`` RGB image passes through ``arch`` (eval mode, on the
+    meta device: shapes only, no memory, no compute)."""
+    with torch.device("meta"):
+        model = build(arch, 2).eval()
+        try:
+            model(torch.empty(1, 3, size, size))
+        except RuntimeError as err:
+            if any(m in str(err) for m in _TOO_SMALL):
+                return False
+            raise
+    return True
+
+
+def min_input_size(arch: str, start: int = 1) -> int:
+    """The smallest square input side (pixels) ``arch`` takes, searched from ``start``
+    (doubling, then bisection; the archs' feasibility is monotone in the size)."""
+    if _fits(arch, start):
+        lo = start
+        while lo > 1 and _fits(arch, lo // 2):
+            lo //= 2
+        bad, good = 0, lo
+    else:
+        bad, good = start, start * 2
+        while not _fits(arch, good):
+            bad, good = good, good * 2
+            if good > _MAX_SIZE:
+                raise InputTooSmallError(f"{arch} takes no input up to {_MAX_SIZE} pixels")
+    while good - bad > 1:
+        mid = (bad + good) // 2
+        bad, good = (bad, mid) if _fits(arch, mid) else (mid, good)
+    return good
+
+
+def check_input_size(arch: str, size: int, benchmark: str = "the benchmark") -> None:
+    """Stop before training when ``benchmark``'s ``size`` x ``size`` images are too small
+    for ``arch``; the message names the smallest size that works.
+
+    Raises :class:`InputTooSmallError`. One meta-device forward when the size fits.
+    """
+    if _fits(arch, size):
+        return
+    need = min_input_size(arch, size)
+    raise InputTooSmallError(
+        f"{arch} needs inputs of at least {need}x{need} pixels; {benchmark} gives "
+        f"{size}x{size}. Use a larger input size (for split_digits: --bench-opt size={need} or "
+        f"more, a multiple of 8) or another --arch."
+    )
+
+
 def _torchvision_state_dict(arch: str) -> dict[str, torch.Tensor]:
     spec = ARCHS.get(arch)
     if spec.torchvision_weights is None:

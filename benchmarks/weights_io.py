@@ -46,6 +46,7 @@ PLAIN_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "modu
 EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 MAX_DEPTH = 3
+_TORCH = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
 
 
 class WeightsFileError(WeightsUnavailableError):
@@ -61,6 +62,11 @@ def _numpy_globals() -> list[Any]:
     if dtypes is not None:
         out += [getattr(dtypes, n) for n in dir(dtypes)
                 if n.endswith("DType") and n != "ObjectDType" and not n.startswith("_")]
+    if core is not getattr(np, "core", None) and _TORCH >= (2, 6):
+        # numpy 2 reading a file numpy 1 wrote: the same functions under their old names
+        # (torch >= 2.6 takes (object, "name") pairs).
+        out += [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
     return out
 
 

@@ -136,3 +136,27 @@ def test_cli_stops_with_exit_2_before_any_run_folder(tmp_path, tiny, capsys):
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "executed").exists()
+
+
+def test_a_checkpoint_numpy_1_wrote_loads_under_numpy_2(tmp_path, tiny):
+    """numpy 1 pickles its scalars as numpy.core.multiarray.scalar (numpy 2: numpy._core)."""
+    path = tmp_path / "old.pt"
+    torch.save({"state_dict": tiny, "best_acc1": np.float64(71.5), "hist": np.arange(3)}, path,
+               _use_new_zipfile_serialization=False)  # one plain pickle stream: names editable
+    if np.__version__.startswith("1."):
+        pytest.skip("numpy 1 writes the old names itself")
+    data = path.read_bytes()
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    got = load_state_dict(path)
+    assert all(torch.equal(got[k], v) for k, v in tiny.items())
+
+
+def test_a_truncated_safetensors_file_is_refused_by_name(tmp_path, tiny):
+    path = tmp_path / "w.safetensors"
+    save_file(tiny, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 8])
+    with pytest.raises(WeightsFileError, match="not a readable safetensors file") as err:
+        load_state_dict(path)
+    assert str(path) in str(err.value)

@@ -172,3 +172,16 @@ def test_decode_errors_inside_a_loader_worker_keep_the_name(tmp_path):
         next(iter(dl))
     assert str(err.value).startswith(f"{bad} (task 1 (cubs_cropped), train) cannot be decoded")
     assert "Traceback" not in str(err.value)
+
+
+def test_image_folder_for_other_tools_applies_the_same_rule(tmp_path):
+    from benchmarks.data.files import image_folder
+
+    _jpeg(tmp_path / "a" / "0.jpg")
+    _jpeg(tmp_path / "b" / "0.jpg")
+    _os_clutter(tmp_path)
+    ds = image_folder(tmp_path)
+    assert ds.classes == ["a", "b"] and [y for _, y in ds.samples] == [0, 1]
+    _truncate(tmp_path / "b" / "0.jpg")
+    with pytest.raises(DataUnavailableError, match=r"b/0\.jpg"):
+        image_folder(tmp_path)

@@ -21,11 +21,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task
-from benchmarks.data.files import NamedImageLoader, TreeListing, check_images, list_tree
+from benchmarks.data.files import ImageTree, TreeListing, check_images, list_tree
 from benchmarks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Cutout
 
 log = logging.getLogger(__name__)
@@ -70,21 +69,6 @@ def check_layout(root: Path, listings: dict[tuple[str, str], TreeListing] | None
             diff = sorted(set(train.classes) ^ set(test.classes))
             problems.append(f"{root / name}: train and test class folders differ: {diff[:5]}")
     return problems
-
-
-class ImageTree(datasets.ImageFolder):
-    """torchvision's ImageFolder over a :class:`TreeListing` (the suite's listing rule),
-    decoding with a loader that names the file and its task when a file is damaged."""
-
-    def __init__(self, listing: TreeListing, what: str, transform=None) -> None:
-        self._listing = listing
-        super().__init__(str(listing.root), transform, loader=NamedImageLoader(what))
-
-    def find_classes(self, directory):
-        return list(self._listing.classes), self._listing.class_to_idx
-
-    def make_dataset(self, directory, class_to_idx, *args, **kwargs):
-        return list(self._listing.samples)
 
 
 def transforms(cropped: bool) -> tuple[T.Compose, T.Compose]:

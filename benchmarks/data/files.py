@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torchvision import datasets
+
 from benchmarks.data.base import DataUnavailableError
 
 log = logging.getLogger(__name__)
@@ -264,6 +266,34 @@ class NamedImageLoader:
                 f"release (check the whole tree with --bench-opt verify=full), then run again;"
                 f" finished tasks and epochs are kept."
             ) from err
+
+
+class ImageTree(datasets.ImageFolder):
+    """torchvision's ImageFolder over a :class:`TreeListing` (the listing rule), decoding
+    with :class:`NamedImageLoader`, so a damaged file is named with ``what`` (its task)."""
+
+    def __init__(self, listing: TreeListing, what: str, transform=None) -> None:
+        self._listing = listing
+        super().__init__(str(listing.root), transform, loader=NamedImageLoader(what))
+
+    def find_classes(self, directory):
+        return list(self._listing.classes), self._listing.class_to_idx
+
+    def make_dataset(self, directory, class_to_idx, *args, **kwargs):
+        return list(self._listing.samples)
+
+
+def image_folder(root: Path, transform=None, what: str | None = None,
+                 verify: str = "header") -> ImageTree:
+    """The ImageFolder of ``root`` by the listing rule, every image checked at ``verify``
+    first: what any tool reading a class-folder tree should use (e.g. pool pretraining)."""
+    listing = list_tree(root)
+    what = what or str(root)
+    if not listing.samples:
+        raise DataUnavailableError(f"{root} holds no images in class folders "
+                                   f"(expected {root}/<class>/<image>)")
+    check_images([p for p, _ in listing.samples], what, verify)
+    return ImageTree(listing, what, transform)
 
 
 # -- CIFAR-100's python release ------------------------------------------------------------

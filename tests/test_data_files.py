@@ -97,12 +97,16 @@ def test_a_truncated_jpeg_is_named_before_training(tmp_path):
     _cub_tree(tmp_path)
     bad = tmp_path / "flowers" / "train" / "b" / "0.jpg"
     _truncate(bad)
+    also = tmp_path / "sketches" / "test" / "a" / "0.jpg"
+    also.write_bytes(b"GIF89a")
     assert check_image(tmp_path / "flowers" / "train" / "a" / "0.jpg") is None
     assert "truncated (no end marker)" in check_image(bad)
     with pytest.raises(DataUnavailableError) as err:
         BENCHMARKS.get("cub_to_sketches")(tmp_path)
     msg = str(err.value)
     assert str(bad) in msg and "task 3 (flowers), train" in msg and "1 of 2" in msg
+    assert f"{also}: not an image" in msg  # every damaged file, not only the first
+    assert "task 5 (sketches), test" in msg and msg.count("Replace these files") == 1
 
 
 def test_a_file_that_fails_during_training_is_named_with_its_task(tmp_path):

@@ -24,7 +24,13 @@ from pathlib import Path
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task
-from benchmarks.data.files import ImageTree, TreeListing, check_images, list_tree
+from benchmarks.data.files import (
+    ImageTree,
+    TreeListing,
+    list_tree,
+    unreadable_images,
+    unreadable_message,
+)
 from benchmarks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Cutout
 
 log = logging.getLogger(__name__)
@@ -96,14 +102,17 @@ def build(data_root: Path, verify: str = "header") -> Benchmark:
             + f"\nExpected layout (the Piggyback release):\n{layout}\n"
             "Set the folder with --data-root or $NWS_DATA_ROOT."
         )
+    what = {(name, split): f"task {t + 1} ({name}), {split}"
+            for t, (name, _, _) in enumerate(DATASETS) for split in ("train", "test")}
+    checked = [(what[key], *unreadable_images([p for p, _ in tree.samples], verify))
+               for key, tree in listings.items()]
+    if any(bad for _, _, bad in checked):  # every damaged file of every tree, in one message
+        raise DataUnavailableError(unreadable_message(checked))
     tasks = []
     for t, (name, expected, cropped) in enumerate(DATASETS):
         train_tf, test_tf = transforms(cropped)
-        what = {split: f"task {t + 1} ({name}), {split}" for split in ("train", "test")}
-        for split in ("train", "test"):
-            check_images([p for p, _ in listings[name, split].samples], what[split], verify)
-        train = ImageTree(listings[name, "train"], what["train"], train_tf)
-        test = ImageTree(listings[name, "test"], what["test"], test_tf)
+        train = ImageTree(listings[name, "train"], what[name, "train"], train_tf)
+        test = ImageTree(listings[name, "test"], what[name, "test"], test_tf)
         if len(train.classes) != expected:
             log.warning("%s has %d classes, the release has %d: not comparable with the paper",
                         name, len(train.classes), expected)

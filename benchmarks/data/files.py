@@ -203,30 +203,43 @@ def check_image(path: Path, level: str = "header") -> str | None:
     return None
 
 
+def unreadable_images(paths: Iterable[Path | str], level: str = "header"
+                      ) -> tuple[int, list[tuple[Path, str]]]:
+    """(files checked, [(path, why)] for each that fails at ``level``)."""
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
+    paths = [Path(p) for p in paths]
+    if level == "none":
+        return len(paths), []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        reasons = list(pool.map(lambda p: check_image(p, level), paths))
+    log.debug("%d images checked (%s) in %.1f s", len(paths), level,
+              time.perf_counter() - start)
+    return len(paths), [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+
+
+def unreadable_message(groups: list[tuple[str, int, list[tuple[Path, str]]]]) -> str:
+    """One message for (what, files checked, failures) groups, with what to do, once."""
+    parts = []
+    for what, total, bad in groups:
+        if bad:
+            shown = "\n".join(f"  - {p}: {r}" for p, r in bad[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            parts.append(f"{what}: {len(bad)} of {total} image files cannot be read:\n"
+                         f"{shown}{more}")
+    return ("\n".join(parts) + "\nReplace these files from the original release (or delete "
+            "them if the data set should not have them), then run again.")
+
+
 def check_images(paths: Iterable[Path | str], what: str, level: str = "header") -> None:
     """Check every image before training; one error listing the failures (at most 10 shown).
 
     ``what`` names the data (task and split) in the message. Raises ``DataUnavailableError``.
     """
-    if level not in VERIFY_LEVELS:
-        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {level!r}")
-    if level == "none":
-        return
-    paths = [Path(p) for p in paths]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        reasons = list(pool.map(lambda p: check_image(p, level), paths))
-    bad = [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
-    log.debug("%s: %d images checked (%s) in %.1f s", what, len(paths), level,
-              time.perf_counter() - start)
+    total, bad = unreadable_images(paths, level)
     if bad:
-        shown = "\n".join(f"  - {p}: {r}" for p, r in bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise DataUnavailableError(
-            f"{what}: {len(bad)} of {len(paths)} image files cannot be read:\n{shown}{more}\n"
-            "Replace these files from the original release (or delete them if the data set "
-            "should not have them), then run again."
-        )
+        raise DataUnavailableError(unreadable_message([(what, total, bad)]))
 
 
 class UnreadableFileError(DataUnavailableError):

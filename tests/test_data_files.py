@@ -146,6 +146,22 @@ def test_truncated_cifar_release_fails_its_checksum_with_what_to_do(tmp_path, ca
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
 
 
+def test_authors_cifar_layout_names_every_damaged_png_with_its_task(tmp_path):
+    for split in ("train", "test"):
+        for superclass, fines in SUPERCLASSES.items():
+            for fine in fines:
+                write_image_folder(tmp_path / split / superclass, [fine], n=1, size=32)
+    bad = [tmp_path / "train" / "fish" / "ray" / "0.png",
+           tmp_path / "test" / "vehicles_2" / "tank" / "0.png"]
+    for path in bad:
+        _truncate(path, 0.8)
+    with pytest.raises(DataUnavailableError) as err:
+        BENCHMARKS.get("split_cifar100")(tmp_path, download=False)
+    msg = str(err.value)
+    assert f"task 2 (fish), train: 1 of 5 image files cannot be read:\n  - {bad[0]}" in msg
+    assert f"task 20 (vehicles_2), test: 1 of 5 image files cannot be read:\n  - {bad[1]}" in msg
+
+
 def test_unreadable_cifar_pickle_is_named_even_without_checksums(tmp_path):
     write_cifar100_python(tmp_path)
     train = tmp_path / "cifar-100-python" / "train"

@@ -29,8 +29,9 @@ from benchmarks.data.files import (
     NamedImageLoader,
     Skipped,
     check_cifar100_python,
-    check_images,
     image_files,
+    unreadable_images,
+    unreadable_message,
 )
 
 # Superclass -> its five fine classes, in the task order of REFERENCE §3 (alphabetical).
@@ -136,27 +137,38 @@ def _load_image_folders(root: Path, verify: str = "header"
                         ) -> dict[str, tuple[np.ndarray, list[str]]]:
     """The authors' layout, listed by the rule of :mod:`benchmarks.data.files` (hidden entries
     such as ``.DS_Store`` and non-image files are skipped, with one log line per split) and
-    checked before decoding; a file that cannot be decoded is named with its task."""
-    out = {}
+    checked before decoding (every damaged file of every task in one message); a file that
+    still cannot be decoded is named with its task."""
+    superclasses = list(SUPERCLASSES)
+    listed: dict[tuple[str, int], list[tuple[str, list[Path]]]] = {}  # (split, task) -> files
     for split in ("train", "test"):
-        images, names = [], []
         skipped = Skipped()
         for t, (superclass, fines) in enumerate(SUPERCLASSES.items()):
-            what = f"task {t + 1} ({superclass}), {split}"
+            listed[split, t] = []
             for fine in fines:
                 folder = root / split / superclass / fine
                 if not folder.is_dir():
                     raise DataUnavailableError(f"missing folder {folder}")
                 files = image_files(folder, skipped)
                 if not files:
-                    raise DataUnavailableError(f"{folder} ({what}) holds no images")
-                check_images(files, what, verify)
-                decode = NamedImageLoader(what)
+                    raise DataUnavailableError(f"{folder} holds no images")
+                listed[split, t].append((fine, files))
+        skipped.log_note(root / split)
+    what = {(split, t): f"task {t + 1} ({superclasses[t]}), {split}" for split, t in listed}
+    checked = [(what[key], *unreadable_images([f for _, fs in v for f in fs], verify))
+               for key, v in listed.items()]
+    if any(bad for _, _, bad in checked):
+        raise DataUnavailableError(unreadable_message(checked))
+    out = {}
+    for split in ("train", "test"):
+        images, names = [], []
+        for t in range(len(superclasses)):
+            decode = NamedImageLoader(what[split, t])
+            for fine, files in listed[split, t]:
                 for f in files:
                     img = np.asarray(decode(str(f)).resize((32, 32)))
                     images.append(img.transpose(2, 0, 1))
                     names.append(fine)
-        skipped.log_note(root / split)
         out[split] = (np.stack(images), names)
     return out
 

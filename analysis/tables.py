@@ -13,6 +13,10 @@ For every (benchmark, protocol) with runs:
 - ``bits_<b>_<p>``: NWS bits per index (entropy, stored, int16 + lzma) per task, one seed.
 
 Missing runs, missing seeds and unfinished runs are listed under each table, never filled in.
+Every row says how many of the benchmark's tasks it covers ("20/20"); a row covering fewer
+(``--tasks N``, an unfinished run) reads "1/20 partial", the paper figures beside it say the
+task count they are for ("71.3 (20 tasks)"), and a note under the table says the row is not
+comparable to the paper's value.
 """
 
 from __future__ import annotations
@@ -122,6 +126,14 @@ class Group:
         return max(r.planned_tasks for r in self.runs)
 
     @property
+    def benchmark_tasks(self) -> int:
+        """Tasks of the whole benchmark (what the paper's figures cover), without the data."""
+        try:
+            return len(class_counts(self.benchmark))
+        except KeyError:
+            return self.planned_tasks
+
+    @property
     def synthetic(self) -> bool:
         return any(bool(r.rows.synthetic.iloc[0]) for r in self.runs if "synthetic" in r.rows)
 
@@ -161,6 +173,14 @@ class Group:
                 notes.append(f"{method}/{arch} seed {r.seed}: {r.learned_tasks}/"
                              f"{r.planned_tasks} tasks learned (unfinished)")
         return notes
+
+    def partial_note(self, method: str, arch: str, tasks: int) -> str | None:
+        """The note for a row covering fewer tasks than the benchmark (``--tasks N`` or an
+        unfinished run), or None for a full row. Its wording matches the row's cells."""
+        if tasks >= self.benchmark_tasks:
+            return None
+        return (f"{method}/{arch}: partial: {tasks} of {self.benchmark_tasks} tasks; not "
+                f"comparable to the paper's value ({self.benchmark_tasks} tasks)")
 
     def summary(self, method: str, arch: str) -> dict[str, float]:
         """Accuracy over seeds (percent), forgetting, stored and paper-convention MiB."""
@@ -207,18 +227,37 @@ def _summary_row(g: Group, method: str, arch: str, label: str) -> tuple[list[str
     s = g.summary(method, arch)
     paper_acc = g.reported(method, arch, "avg_accuracy")
     paper_mem = g.reported(method, arch, "memory")
-    record = {"method": method, "arch": arch, **s, "paper_acc": paper_acc,
-              "paper_mib": paper_mem}
+    partial = s["seeds"] > 0 and g.partial_note(method, arch, s["tasks"]) is not None
+    record = {"method": method, "arch": arch, **s, "benchmark_tasks": g.benchmark_tasks,
+              "partial": partial, "paper_acc": paper_acc, "paper_mib": paper_mem}
     if s["seeds"] == 0:
         ours, forgetting = ["missing", "-", "-", "-"], "-"
     else:
         ci = "-" if math.isnan(s["ci_low"]) else f"[{s['ci_low']:.1f}, {s['ci_high']:.1f}]"
-        ours = [str(s["seeds"]), f"{s['tasks']}/{g.planned_tasks}",
+        ours = [str(s["seeds"]), _tasks_cell(s["tasks"], g.benchmark_tasks),
                 _pm(s["acc_mean"], s["acc_std"]), ci]
         forgetting = _num(s["forgetting"], ".2f")
-    cells = [label, *ours, _num(paper_acc), forgetting, _num(s["stored_mib"], ".2f"),
-             _num(s["paper_convention_mib"], ".2f"), _num(paper_mem)]
+    cells = [label, *ours, _paper_cell(paper_acc, g, partial), forgetting,
+             _num(s["stored_mib"], ".2f"), _num(s["paper_convention_mib"], ".2f"),
+             _paper_cell(paper_mem, g, partial)]
     return cells, record
+
+
+def _tasks_cell(tasks: int, total: int) -> str:
+    """'20/20', or '1/20 partial' for a row covering part of the benchmark."""
+    return f"{tasks}/{total}" + (" partial" if tasks < total else "")
+
+
+def _paper_cell(value: float, g: Group, partial: bool) -> str:
+    """A paper figure; beside a partial row it says the task count it is for."""
+    text = _num(value)
+    return f"{text} ({g.benchmark_tasks} tasks)" if partial and text != "-" else text
+
+
+def _partial_notes(g: Group, method: str, arch: str) -> list[str]:
+    s = g.seeds[(g.seeds.method == method) & (g.seeds.arch == arch)]
+    note = g.partial_note(method, arch, int(s.tasks.min())) if len(s) else None
+    return [note] if note else []
 
 
 def table1(g: Group) -> Table:
@@ -227,7 +266,7 @@ def table1(g: Group) -> Table:
         c, r = _summary_row(g, method, PAPER_ARCH, method)
         cells.append(c)
         records.append(r)
-        notes += g.missing(method, PAPER_ARCH)
+        notes += g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
     notes += _memory_notes(g, PAPER_ARCH)
     return Table(f"table1_{g.benchmark}_{g.protocol}",
                  f"Table 1 layout: average accuracy and memory, {PAPER_ARCH}, {g.describe()}",
@@ -243,14 +282,14 @@ def table3(g: Group) -> Table:
             c, r = _summary_row(g, method, arch, f"{method}-{arch}")
             cells.append(c)
             records.append(r)
-            notes += g.missing(method, arch)
+            notes += g.missing(method, arch) + _partial_notes(g, method, arch)
     return Table(f"table3_{g.benchmark}_{g.protocol}",
                  f"Table 3 layout: architectures, {g.describe()}", SUMMARY_HEADER, cells,
                  pd.DataFrame(records), notes)
 
 
 def table2(g: Group) -> Table:
-    tasks = list(range(g.planned_tasks))
+    tasks = list(range(g.benchmark_tasks))
     header = ["Method", "Source", *[f"T{t + 1}" for t in tasks], "Avg", "Memory (MiB)"]
     cells, records, notes = [], [], []
     for method in _methods(g, PAPER_ARCH):
@@ -259,9 +298,12 @@ def table2(g: Group) -> Table:
         s = g.summary(method, PAPER_ARCH)
         ours = [_pm(finals.loc[t].mean(), finals.loc[t].std()) if t in finals.index else "-"
                 for t in tasks]
+        partial = bool(runs) and g.partial_note(method, PAPER_ARCH, s["tasks"]) is not None
+        avg = _pm(s["acc_mean"], s["acc_std"]) if runs else "-"
+        if partial:
+            avg += f" (partial: {s['tasks']} of {g.benchmark_tasks} tasks)"
         cells.append([method, f"ours (seeds: {len(runs)})" if runs else "ours (missing)", *ours,
-                      _pm(s["acc_mean"], s["acc_std"]) if runs else "-",
-                      _num(s["stored_mib"], ".2f")])
+                      avg, _num(s["stored_mib"], ".2f")])
         paper = [g.reported(method, PAPER_ARCH, "accuracy", t) for t in tasks]
         paper_avg = g.reported(method, PAPER_ARCH, "avg_accuracy")
         if not all(math.isnan(x) for x in [*paper, paper_avg]):
@@ -272,7 +314,7 @@ def table2(g: Group) -> Table:
             records.append({"method": method, "task": t, "seeds": int(col.notna().sum()),
                             "acc_mean": col.mean(), "acc_std": col.std(),
                             "paper_acc": paper[t]})
-        notes += g.missing(method, PAPER_ARCH)
+        notes += g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
     notes.append("cells: mean ± std over seeds of each task's accuracy (%) after the last "
                  "task; memory: stored bytes (ours) and the paper's figure")
     return Table(f"table2_{g.benchmark}_{g.protocol}",
@@ -327,7 +369,7 @@ def bits_table(g: Group) -> Table | None:
 def _memory_notes(g: Group, arch: str) -> list[str]:
     notes = ["Stored: payload bytes in the artifact store after the last task learned "
              "(mean over seeds); paper conv.: the paper's counting rules, analytic for the "
-             f"whole benchmark ({g.planned_tasks} tasks; analysis/memory.py)"]
+             f"whole benchmark ({g.benchmark_tasks} tasks; analysis/memory.py)"]
     for m, mm in g.memory(arch).items():
         notes += [f"{m}: {n}" for n in mm.notes if n.startswith("paper convention")]
     return notes

@@ -178,16 +178,64 @@ def build(arch: str, num_classes: int = IMAGENET_CLASSES) -> nn.Module:
     return ARCHS.get(arch).build(num_classes)
 
 
-def _clean_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """Accept a bare state dict or one nested under 'state_dict'/'model'; strip 'module.'."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise ValueError("the weights file holds no state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items() if torch.is_tensor(v)}
+class InputTooSmallError(ValueError):
+    """The benchmark's images are smaller than the architecture can take (CLI exit 2)."""
+
+
+_MAX_SIZE = 4096  # the search for the smallest working size stops here
+# How torch's shape checks say an input is too small (pooling; a kernel wider than the input).
+_TOO_SMALL = ("Output size is too small", "greater than actual input size")
+
+
+@functools.cache
+def _fits(arch: str, size: int) -> bool:
+    """Whether one ``size`` x ``size`` RGB image passes through ``arch`` (eval mode, on the
+    meta device: shapes only, no memory, no compute)."""
+    with torch.device("meta"):
+        model = build(arch, 2).eval()
+        try:
+            model(torch.empty(1, 3, size, size))
+        except RuntimeError as err:
+            if any(m in str(err) for m in _TOO_SMALL):
+                return False
+            raise
+    return True
+
+
+def min_input_size(arch: str, start: int = 1) -> int:
+    """The smallest square input side (pixels) ``arch`` takes, searched from ``start``
+    (doubling, then bisection; the archs' feasibility is monotone in the size)."""
+    if _fits(arch, start):
+        lo = start
+        while lo > 1 and _fits(arch, lo // 2):
+            lo //= 2
+        bad, good = 0, lo
+    else:
+        bad, good = start, start * 2
+        while not _fits(arch, good):
+            bad, good = good, good * 2
+            if good > _MAX_SIZE:
+                raise InputTooSmallError(f"{arch} takes no input up to {_MAX_SIZE} pixels")
+    while good - bad > 1:
+        mid = (bad + good) // 2
+        bad, good = (bad, mid) if _fits(arch, mid) else (mid, good)
+    return good
+
+
+def check_input_size(arch: str, size: int, benchmark: str = "the benchmark") -> None:
+    """Stop before training when ``benchmark``'s ``size`` x ``size`` images are too small
+    for ``arch``; the message names the smallest size that works.
+
+    Raises :class:`InputTooSmallError`. One meta-device forward when the size fits.
+    """
+    if _fits(arch, size):
+        return
+    need = min_input_size(arch, size)
+    raise InputTooSmallError(
+        f"{arch} needs inputs of at least {need}x{need} pixels; {benchmark} gives "
+        f"{size}x{size}. Use a larger input size (for split_digits: --bench-opt size={need} or "
+        f"more, a multiple of 8) or another --arch."
+    )
 
 
 def _torchvision_state_dict(arch: str) -> dict[str, torch.Tensor]:
@@ -208,7 +256,8 @@ def _torchvision_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 
 class Pretrained:
-    """Where a run's starting weights come from: 'imagenet', 'none', or a state-dict file."""
+    """Where a run's starting weights come from: 'imagenet', 'none', or a weights file (the
+    forms :mod:`benchmarks.weights_io` accepts: state dicts as saved, safetensors)."""
 
     def __init__(self, arch: str, source: str = "imagenet", seed: int = 0) -> None:
         ARCHS.get(arch)  # fail early on an unknown architecture
@@ -220,6 +269,8 @@ class Pretrained:
                 f"weights file {source!r} not found; pass an existing state-dict file, "
                 f"'imagenet' (torchvision download) or 'none' (random init)"
             )
+        if source not in ("imagenet", "none"):
+            self.state_dict  # noqa: B018  read a file now: a bad one stops before any run folder
 
     @functools.cached_property
     def state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -229,7 +280,9 @@ class Pretrained:
         if self.source == "imagenet":
             sd = _torchvision_state_dict(self.arch)
         else:
-            sd = _clean_state_dict(torch.load(self.source, map_location="cpu", weights_only=True))
+            from benchmarks.weights_io import load_state_dict  # imports this module
+
+            sd = load_state_dict(self.source)
         adapt = ARCHS.get(self.arch).adapt_weights
         return adapt(sd) if adapt else sd
 
@@ -246,14 +299,15 @@ class Pretrained:
             own = model.state_dict()
             mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
             if any(not k.startswith(head + ".") for k in mismatched):
-                raise ValueError(f"weights do not fit {self.arch}: shape mismatch in {mismatched}")
+                raise ValueError(f"weights {self.source} do not fit {self.arch}: shape mismatch "
+                                 f"in {mismatched[:5]}")
             if mismatched:  # a file with another head size: keep the random 1000-class head
                 sd = {k: v for k, v in sd.items() if k not in mismatched}
             missing, unexpected = model.load_state_dict(sd, strict=False)
             body_missing = [k for k in missing if not k.startswith(head + ".")]
             if body_missing or unexpected:
                 raise ValueError(
-                    f"weights do not fit {self.arch}: missing {body_missing[:5]}, "
+                    f"weights {self.source} do not fit {self.arch}: missing {body_missing[:5]}, "
                     f"unexpected {unexpected[:5]}"
                 )
         return model

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.archs import Pretrained
+from benchmarks.archs import Pretrained, check_input_size
 from benchmarks.data import BENCHMARKS, Benchmark
 from benchmarks.device_policy import resolve_device
 from benchmarks.method import Method, MethodContext, TaskInfo
@@ -123,6 +123,7 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     bench = bench if bench is not None else build_benchmark(cfg)
+    check_input_size(cfg.arch, bench.input_size, cfg.benchmark)  # before any run folder
     method_cls: type[Method] = METHODS.get(cfg.method)
     options = method_cls.resolve_options(cfg.benchmark, cfg.method_options)
     pretrained_source = cfg.pretrained or bench.default_pretrained

@@ -100,10 +100,13 @@ class Trainer:
             return
         self.nonfinite_streak += 1
         if not self.scaler.is_enabled() or self.nonfinite_streak > 20:
-            raise TrainingDivergedError(
-                f"loss is {loss} at step {step} (amp={self.protocol.amp}, lr={self.protocol.lr});"
-                " lower the learning rate or use --set amp=bf16 / amp=none"
-            )
+            amp = self.protocol.amp if self.device.type == "cuda" else "none"  # CUDA-only AMP
+            advice = {"fp16": "use --set amp=bf16 (or amp=none), or lower the learning rate",
+                      "bf16": "lower the learning rate, or use --set amp=none"}.get(
+                amp, "lower the learning rate (--set lr=...) and check the data for NaN/Inf "
+                     "inputs or labels out of range")
+            raise TrainingDivergedError(f"loss is {loss} at step {step} (amp={amp}, "
+                                        f"lr={self.protocol.lr}); {advice}")
 
 
 @dataclass

@@ -89,3 +89,21 @@ def test_pretrained_none_is_a_fixed_random_init_per_seed():
     b = Pretrained("resnet18", "none", seed=1).model().conv1.weight
     c = Pretrained("resnet18", "none", seed=2).model().conv1.weight
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_input_too_small_for_the_arch_stops_before_training(capsys, tmp_path):
+    code = main(["--method", "finetune", "--arch", "vgg16", "--benchmark", "split_digits",
+                 "--bench-opt", "size=16", "--out", str(tmp_path / "runs"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "vgg16 needs inputs of at least 32x32 pixels; split_digits gives 16x16" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("arch", "size"), [("vgg16", 32), ("resnet18", 1)])
+def test_smallest_input_size_per_arch(arch, size):
+    assert archs.min_input_size(arch, 16) == size
+    archs.check_input_size(arch, size)  # the named minimum really works
+    if size > 1:
+        with pytest.raises(archs.InputTooSmallError):
+            archs.check_input_size(arch, size - 1)

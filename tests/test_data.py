@@ -16,7 +16,7 @@ from tests.fakes import write_cifar100_python, write_image_folder
 
 def test_cifar_split_follows_the_datas_own_coarse_labels(tmp_path):
     write_cifar100_python(tmp_path)
-    bench = BENCHMARKS.get("split_cifar100")(tmp_path, download=False)
+    bench = BENCHMARKS.get("split_cifar100")(tmp_path, download=False, verify="none")
     assert [t.name for t in bench.tasks] == list(SUPERCLASSES)
     assert bench.tasks[0].name == "aquatic_mammals" and bench.tasks[19].name == "vehicles_2"
     import pickle
@@ -38,7 +38,7 @@ def test_cifar_split_follows_the_datas_own_coarse_labels(tmp_path):
 
 def test_cifar_normalisation_is_per_superclass(tmp_path):
     write_cifar100_python(tmp_path)
-    bench = BENCHMARKS.get("split_cifar100")(tmp_path, download=False)
+    bench = BENCHMARKS.get("split_cifar100")(tmp_path, download=False, verify="none")
     norm = bench.tasks[2].test.transform
     assert tuple(norm.mean) == NORMALISATION[2][0] and tuple(norm.std) == NORMALISATION[2][1]
     x, _ = bench.tasks[2].test[0]
@@ -50,7 +50,7 @@ def test_cifar_normalisation_is_per_superclass(tmp_path):
 def test_a_wrong_superclass_map_stops_the_run(tmp_path):
     write_cifar100_python(tmp_path, swap=("beaver", "apple"))
     with pytest.raises(DataUnavailableError, match="beaver"):
-        BENCHMARKS.get("split_cifar100")(tmp_path, download=False)
+        BENCHMARKS.get("split_cifar100")(tmp_path, download=False, verify="none")
 
 
 def test_cifar_missing_says_where_and_what(tmp_path):

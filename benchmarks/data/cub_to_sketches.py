@@ -8,6 +8,9 @@ Expected under the data root (the Piggyback release; it cannot be downloaded by 
     wikiart/{train,test}/<class>/...                   WikiArt, 195 classes
     sketches/{train,test}/<class>/...                  Sketches, 250 classes
 
+Classes and samples follow the listing rule of :mod:`benchmarks.data.files` (hidden entries
+and non-image files are never classes or samples), and every image is checked (by header, or
+fully with ``--bench-opt verify=full``) before any training.
 A missing or incomplete tree stops before any training with a message naming every problem.
 A class count that differs from the release is reported as a warning (the run goes on and
 its config records the counts found), since such a run is not comparable with the paper.
@@ -18,10 +21,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task
+from benchmarks.data.files import (
+    ImageTree,
+    TreeListing,
+    list_tree,
+    unreadable_images,
+    unreadable_message,
+)
 from benchmarks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Cutout
 
 log = logging.getLogger(__name__)
@@ -34,34 +43,37 @@ DATASETS: list[tuple[str, int, bool]] = [
     ("wikiart", 195, False),
     ("sketches", 250, False),
 ]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
 
-def check_layout(root: Path) -> list[str]:
+def list_trees(root: Path) -> dict[tuple[str, str], TreeListing]:
+    """(data set, split) -> its listing by the rule of :mod:`benchmarks.data.files`, for
+    every split folder that exists."""
+    return {(name, split): list_tree(root / name / split)
+            for name, _, _ in DATASETS for split in ("train", "test")
+            if (root / name / split).is_dir()}
+
+
+def check_layout(root: Path, listings: dict[tuple[str, str], TreeListing] | None = None
+                 ) -> list[str]:
     """Every problem with the trees under ``root`` (empty when the layout is complete)."""
+    listings = list_trees(root) if listings is None else listings
     problems = []
     for name, _, _ in DATASETS:
         for split in ("train", "test"):
             folder = root / name / split
-            if not folder.is_dir():
+            if (name, split) not in listings:
                 problems.append(f"missing folder {folder}")
                 continue
-            classes = [d for d in folder.iterdir() if d.is_dir()]
-            if not classes:
+            tree = listings[name, split]
+            if not tree.classes:
                 problems.append(f"{folder} has no class folders")
-            empty = [
-                d.name for d in classes
-                if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir())
-            ]
+            empty = tree.empty_classes()
             if empty:
                 problems.append(f"{folder}: class folders without images: {sorted(empty)[:5]}")
-        train, test = root / name / "train", root / name / "test"
-        if train.is_dir() and test.is_dir():
-            a = {d.name for d in train.iterdir() if d.is_dir()}
-            b = {d.name for d in test.iterdir() if d.is_dir()}
-            if a != b:
-                problems.append(f"{root / name}: train and test class folders differ: "
-                                f"{sorted(a ^ b)[:5]}")
+        train, test = listings.get((name, "train")), listings.get((name, "test"))
+        if train is not None and test is not None and train.classes != test.classes:
+            diff = sorted(set(train.classes) ^ set(test.classes))
+            problems.append(f"{root / name}: train and test class folders differ: {diff[:5]}")
     return problems
 
 
@@ -77,9 +89,12 @@ def transforms(cropped: bool) -> tuple[T.Compose, T.Compose]:
     return T.Compose(train), T.Compose(test)
 
 
-def build(data_root: Path) -> Benchmark:
+def build(data_root: Path, verify: str = "header") -> Benchmark:
+    """The five tasks; ``verify`` (``none | header | full``, :mod:`benchmarks.data.files`)
+    says how every image is checked before any training."""
     root = Path(data_root).expanduser().resolve()
-    problems = check_layout(root)
+    listings = list_trees(root)
+    problems = check_layout(root, listings)
     if problems:
         layout = "\n".join(f"  {root}/{n}/{{train,test}}/<class>/<images>" for n, _, _ in DATASETS)
         raise DataUnavailableError(
@@ -87,11 +102,17 @@ def build(data_root: Path) -> Benchmark:
             + f"\nExpected layout (the Piggyback release):\n{layout}\n"
             "Set the folder with --data-root or $NWS_DATA_ROOT."
         )
+    what = {(name, split): f"task {t + 1} ({name}), {split}"
+            for t, (name, _, _) in enumerate(DATASETS) for split in ("train", "test")}
+    checked = [(what[key], *unreadable_images([p for p, _ in tree.samples], verify))
+               for key, tree in listings.items()]
+    if any(bad for _, _, bad in checked):  # every damaged file of every tree, in one message
+        raise DataUnavailableError(unreadable_message(checked))
     tasks = []
     for t, (name, expected, cropped) in enumerate(DATASETS):
         train_tf, test_tf = transforms(cropped)
-        train = datasets.ImageFolder(str(root / name / "train"), train_tf)
-        test = datasets.ImageFolder(str(root / name / "test"), test_tf)
+        train = ImageTree(listings[name, "train"], what[name, "train"], train_tf)
+        test = ImageTree(listings[name, "test"], what[name, "test"], test_tf)
         if len(train.classes) != expected:
             log.warning("%s has %d classes, the release has %d: not comparable with the paper",
                         name, len(train.classes), expected)

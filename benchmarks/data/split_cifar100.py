@@ -6,7 +6,9 @@ Two on-disk sources under the data root, checked in this order:
    torchvision downloads; downloaded when absent and ``download=True``). Its coarse labels
    are checked against :data:`SUPERCLASSES`: a mismatch stops the run, because a wrong
    superclass map makes results incomparable.
-2. The authors' ImageFolder layout, ``<root>/{train,test}/<superclass>/<fine class>/*.png``.
+2. The authors' ImageFolder layout, ``<root>/{train,test}/<superclass>/<fine class>/*.png``,
+   listed by the rule of :mod:`benchmarks.data.files` (hidden entries and non-image files
+   are skipped with a log note) and checked before decoding.
 
 Labels 0..4 within a task follow the sorted fine-class names. Training: RandomCrop(32, pad 4)
 + horizontal flip; train and test: the per-superclass normalisation of REFERENCE §7.
@@ -22,6 +24,15 @@ import torch
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, TensorImages
+from benchmarks.data.files import (
+    VERIFY_LEVELS,
+    NamedImageLoader,
+    Skipped,
+    check_cifar100_python,
+    image_files,
+    unreadable_images,
+    unreadable_message,
+)
 
 # Superclass -> its five fine classes, in the task order of REFERENCE §3 (alphabetical).
 SUPERCLASSES: dict[str, tuple[str, ...]] = {
@@ -75,8 +86,16 @@ PYTHON_DIR = "cifar-100-python"
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="latin1")
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError, MemoryError) as err:
+        raise DataUnavailableError(
+            f"{path} cannot be read as CIFAR-100's python release ({type(err).__name__}: "
+            f"{err}): the file is damaged or incomplete. Delete {path.parent} and download "
+            f"again (the suite downloads it when online)."
+        ) from err
 
 
 def _check_coarse_labels(split: dict, fine_names: list[str], coarse_names: list[str]) -> None:
@@ -97,8 +116,12 @@ def _check_coarse_labels(split: dict, fine_names: list[str], coarse_names: list[
         )
 
 
-def _load_python_release(folder: Path) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """{'train'|'test': (uint8 images N x 3 x 32 x 32, fine class names)} from the pickles."""
+def _load_python_release(folder: Path, verify: str = "header"
+                         ) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """{'train'|'test': (uint8 images N x 3 x 32 x 32, fine class names)} from the pickles,
+    checked against the release's MD5s first unless ``verify == "none"``."""
+    if verify != "none":
+        check_cifar100_python(folder)
     meta = _unpickle(folder / "meta")
     fine_names, coarse_names = meta["fine_label_names"], meta["coarse_label_names"]
     out = {}
@@ -110,30 +133,52 @@ def _load_python_release(folder: Path) -> dict[str, tuple[np.ndarray, list[str]]
     return out
 
 
-def _load_image_folders(root: Path) -> dict[str, tuple[np.ndarray, list[str]]]:
-    from PIL import Image
-
-    out = {}
+def _load_image_folders(root: Path, verify: str = "header"
+                        ) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The authors' layout, listed by the rule of :mod:`benchmarks.data.files` (hidden entries
+    such as ``.DS_Store`` and non-image files are skipped, with one log line per split) and
+    checked before decoding (every damaged file of every task in one message); a file that
+    still cannot be decoded is named with its task."""
+    superclasses = list(SUPERCLASSES)
+    listed: dict[tuple[str, int], list[tuple[str, list[Path]]]] = {}  # (split, task) -> files
     for split in ("train", "test"):
-        images, names = [], []
-        for superclass, fines in SUPERCLASSES.items():
+        skipped = Skipped()
+        for t, (superclass, fines) in enumerate(SUPERCLASSES.items()):
+            listed[split, t] = []
             for fine in fines:
                 folder = root / split / superclass / fine
                 if not folder.is_dir():
                     raise DataUnavailableError(f"missing folder {folder}")
-                for f in sorted(p for p in folder.iterdir() if p.is_file()):
-                    img = np.asarray(Image.open(f).convert("RGB").resize((32, 32)))
+                files = image_files(folder, skipped)
+                if not files:
+                    raise DataUnavailableError(f"{folder} holds no images")
+                listed[split, t].append((fine, files))
+        skipped.log_note(root / split)
+    what = {(split, t): f"task {t + 1} ({superclasses[t]}), {split}" for split, t in listed}
+    checked = [(what[key], *unreadable_images([f for _, fs in v for f in fs], verify))
+               for key, v in listed.items()]
+    if any(bad for _, _, bad in checked):
+        raise DataUnavailableError(unreadable_message(checked))
+    out = {}
+    for split in ("train", "test"):
+        images, names = [], []
+        for t in range(len(superclasses)):
+            decode = NamedImageLoader(what[split, t])
+            for fine, files in listed[split, t]:
+                for f in files:
+                    img = np.asarray(decode(str(f)).resize((32, 32)))
                     images.append(img.transpose(2, 0, 1))
                     names.append(fine)
         out[split] = (np.stack(images), names)
     return out
 
 
-def _locate(root: Path, download: bool) -> dict[str, tuple[np.ndarray, list[str]]]:
+def _locate(root: Path, download: bool, verify: str = "header"
+            ) -> dict[str, tuple[np.ndarray, list[str]]]:
     if (root / PYTHON_DIR / "meta").is_file():
-        return _load_python_release(root / PYTHON_DIR)
+        return _load_python_release(root / PYTHON_DIR, verify)
     if (root / "train" / next(iter(SUPERCLASSES))).is_dir():
-        return _load_image_folders(root)
+        return _load_image_folders(root, verify)
     if download:
         import torchvision
 
@@ -141,7 +186,7 @@ def _locate(root: Path, download: bool) -> dict[str, tuple[np.ndarray, list[str]
             torchvision.datasets.CIFAR100(str(root), train=True, download=True)
         except Exception as err:
             raise DataUnavailableError(_missing_message(root, f"download failed: {err}")) from err
-        return _load_python_release(root / PYTHON_DIR)
+        return _load_python_release(root / PYTHON_DIR, verify)
     raise DataUnavailableError(_missing_message(root, "not found"))
 
 
@@ -155,9 +200,14 @@ def _missing_message(root: Path, why: str) -> str:
     )
 
 
-def build(data_root: Path, download: bool = True) -> Benchmark:
+def build(data_root: Path, download: bool = True, verify: str = "header") -> Benchmark:
+    """The 20 tasks. ``verify`` (``none | header | full``, :mod:`benchmarks.data.files`):
+    the python release is checked against its MD5s unless ``none``; the image layout's files
+    by header, or fully with ``full`` (they are all decoded here anyway)."""
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     root = Path(data_root).expanduser().resolve()
-    splits = _locate(root, download)
+    splits = _locate(root, download, verify)
     tasks = []
     for t, (superclass, fines) in enumerate(SUPERCLASSES.items()):
         classes = sorted(fines)

@@ -215,12 +215,15 @@ def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Pa
 
 
 def image_folder(root: str | Path, size: int) -> Dataset:
-    from torchvision import datasets
+    """The class-folder tree at ``root`` under the suite's one listing rule (hidden entries
+    and non-image files are never classes or samples; images checked by header first)."""
     from torchvision import transforms as T
+
+    from benchmarks.data.files import image_folder as checked_tree
 
     tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return datasets.ImageFolder(str(root), tf)
+    return checked_tree(Path(root), tf)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[PretrainConfig, dict[str, Any]]:

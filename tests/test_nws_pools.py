@@ -95,7 +95,12 @@ def _tiny_model() -> nn.Module:
 
 def test_pretrain_ema_learns_pools_and_resumes_exactly(tmp_path) -> None:
     _tiny_image_folder(tmp_path / "data")
+    hidden = tmp_path / "data" / ".ipynb_checkpoints"  # never a class (the listing rule)
+    hidden.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(hidden / "x.png")
+    (tmp_path / "data" / "a" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     data = image_folder(tmp_path / "data", 16)
+    assert data.classes == ["a", "b"] and len(data) == 12
     cfg = PretrainConfig(epochs=2, milestones=(1,), batch_size=4, pool_size=16, workers=0,
                          lr=0.05)
     straight = pretrain(init_nws_model(_tiny_model(), cfg), data, cfg, tmp_path / "a")

@@ -22,6 +22,7 @@ import torch
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, TensorImages
+from benchmarks.data.batches import BatchAugment
 
 # Superclass -> its five fine classes, in the task order of REFERENCE §3 (alphabetical).
 SUPERCLASSES: dict[str, tuple[str, ...]] = {
@@ -173,8 +174,9 @@ def build(data_root: Path, download: bool = True) -> Benchmark:
         tasks.append(
             Task(
                 index=t, name=superclass, classes=classes,
-                train=TensorImages(*parts["train"], train_tf),
-                test=TensorImages(*parts["test"], norm),
+                train=TensorImages(*parts["train"], train_tf,
+                                   BatchAugment(mean, std, pad=4, flip=True)),
+                test=TensorImages(*parts["test"], norm, BatchAugment(mean, std)),
             )
         )
     return Benchmark(

@@ -46,6 +46,15 @@ def test_crop_flip_equals_torchvisions_pad_crop_flip_image_by_image():
         assert torch.equal(out[i], ref)
 
 
+def test_the_batch_path_cuts_what_the_reference_crop_cuts_for_the_same_draws():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    aug = BatchAugment((0.0,) * 3, (1.0,) * 3, pad=4, flip=True)
+    out = aug(images, device_generator(9, torch.device("cpu")))
+    offsets, flips = aug.draw(64, device_generator(9, torch.device("cpu")), images.device)
+    ref = crop_flip(images, 4, offsets, flips)
+    assert torch.equal((out * 255).round().to(torch.uint8), ref)
+
+
 def _recover(out: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy, dx) and flips of augmented position images (normalised with mean 0, std 1)."""
     v = (out * 255).round().long()

@@ -136,7 +136,7 @@ def test_a_resume_on_another_device_type_is_refused_with_the_way_out(tmp_path):
     assert config["identity"]["device_type"] == "cpu"
     config["identity"]["device_type"] = "cuda"  # as if started on a GPU
     (run_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(RunConflictError, match="started on a cuda device.*--device cuda"):
+    with pytest.raises(RunConflictError, match=r"started on a cuda device.*--device cuda"):
         run(_cfg(tmp_path))
 
 

@@ -10,8 +10,9 @@ normalisation. The draws come from one seeded generator per (seed, task, phase, 
 the device, so a batch is a pure function of its coordinates; the numbers differ from the
 per-image path's (another generator), the distribution does not (tests/test_batches.py).
 
-Crop and flip are one gather of precomputed flat indices into the zero-padded batch: no
-Python loop per image, static shapes, no host sync.
+The task is padded and mirrored once (:meth:`BatchAugment.prepare`, 2 x the padded task's
+bytes: 24 MB for a Split-CIFAR task); each batch is then one index into that source's crop
+windows and a normalisation: no Python loop per image, static shapes, no host sync.
 """
 
 from __future__ import annotations
@@ -49,36 +50,56 @@ class BatchAugment:
                  torch.zeros(n, dtype=torch.bool, device=device))
         return offsets, flips
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32 (B, C, H, W), normalised, on ``images``' device."""
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The source batches are cut from, built once per task: ``images`` (N, C, H, W)
+        zero-padded by ``pad``, stacked with their mirror images when ``flip``:
+        (F, N, C, H + 2 pad, W + 2 pad) uint8, F = 2 with flips, else 1."""
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("BatchAugment takes a uint8 batch (B, C, H, W)")
-        x = images
-        if self.random:
-            offsets, flips = self.draw(len(images), generator, images.device)
-            x = crop_flip(images, self.pad, offsets, flips)
+            raise ValueError("BatchAugment takes uint8 images (N, C, H, W)")
+        padded = F.pad(images, (self.pad,) * 4) if self.pad else images
+        return torch.stack([padded, padded.flip(3)] if self.flip else [padded])
+
+    def take(self, source: torch.Tensor, index: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``index`` (B,) of a ``source`` from :meth:`prepare`, cropped, flipped and
+        normalised: float32 (B, C, H, W), one gather (no per-image loop, no host sync).
+
+        A flipped crop at offset dx is the crop at 2 pad - dx of the mirrored padded image,
+        so crop and flip are one index into ``source``'s (flip, image, dy, dx) windows."""
+        hp, wp = source.shape[-2:]
+        h, w = hp - 2 * self.pad, wp - 2 * self.pad
+        offsets, flips = self.draw(len(index), generator, source.device)
+        windows = source.unfold(3, h, 1).unfold(4, w, 1)  # (F, N, C, dy, dx, H, W): a view
+        dx = torch.where(flips, 2 * self.pad - offsets[:, 1], offsets[:, 1])
+        x = windows[flips.long(), index, :, offsets[:, 0], dx]  # (B, C, H, W)
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, per channel."""
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return x.float().div_(255).sub_(mean).div_(std)
 
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 (B, C, H, W), augmented and normalised."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("BatchAugment takes a uint8 batch (B, C, H, W)")
+        if not self.random:
+            return self.normalise(images)
+        index = torch.arange(len(images), device=images.device)
+        return self.take(self.prepare(images), index, generator)
+
 
 def crop_flip(images: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor
               ) -> torch.Tensor:
-    """Crop each image of ``images`` (B, C, H, W) at ``offsets`` (B, 2: dy, dx in
-    [0, 2*pad]) from its zero-padded copy, mirrored left-right where ``flips`` (B,) is True;
-    same dtype and shape as ``images``."""
-    b, c, h, w = images.shape
+    """Reference crop: each image of ``images`` (B, C, H, W) cut at ``offsets`` (B, 2: dy,
+    dx in [0, 2*pad]) from its zero-padded copy, mirrored where ``flips`` (B,) is True."""
+    b, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
-    hp, wp = h + 2 * pad, w + 2 * pad
-    dev = images.device
-    rows = offsets[:, :1] + torch.arange(h, device=dev)  # (B, H)
-    cols = torch.arange(w, device=dev)
-    cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - cols, cols)  # (B, W)
-    base = (torch.arange(b, device=dev) * (c * hp * wp))[:, None, None, None]
-    chan = (torch.arange(c, device=dev) * (hp * wp))[None, :, None, None]
-    index = base + chan + (rows * wp)[:, None, :, None] + cols[:, None, None, :]
-    return padded.reshape(-1)[index]
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    x = windows[torch.arange(b, device=images.device), :, offsets[:, 0], offsets[:, 1]]
+    return torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
@@ -106,6 +127,7 @@ class DeviceBatches:
         self.images = images.to(device, non_blocking=True)
         self.labels = labels.to(device, non_blocking=True).long()
         self.augment, self.device = augment, device
+        self.source = augment.prepare(self.images) if augment.random else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -120,7 +142,9 @@ class DeviceBatches:
         for size in batch_sizes(len(self), batch_size, drop_last):
             idx = perm[start:start + size]
             start += size
-            yield self.augment(self.images[idx], augment), self.labels[idx]
+            x = (self.augment.take(self.source, idx, augment) if self.source is not None
+                 else self.augment.normalise(self.images[idx]))
+            yield x, self.labels[idx]
 
     def ordered(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every image once, in order, all batches kept (evaluation)."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.archs import Pretrained
+from benchmarks.archs import Pretrained, no_init, unset_tensors
 from benchmarks.data import BENCHMARKS, Benchmark
 from benchmarks.device_policy import DevicePolicy, resolve_device
 from benchmarks.method import Method, MethodContext, TaskInfo
@@ -279,12 +279,26 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
                                       "final_train_loss": stats.final_loss})
 
 
+def rebuild(method: Method, task: TaskInfo, store: ArtifactStore) -> torch.nn.Module:
+    """``method.load_task`` without a throwaway random init (:func:`archs.no_init`); a
+    method whose rebuilt model still holds unset (NaN) tensors is an error naming them,
+    never a silent wrong accuracy."""
+    with no_init():
+        model = method.load_task(task, store)
+    unset = unset_tensors(model)
+    if unset:
+        raise RuntimeError(
+            f"{method.name}.load_task left {len(unset)} tensors unset ({unset[:3]}...): a "
+            f"stored model must set every tensor; it relied on the random init")
+    return model
+
+
 def _evaluate_after(method: Method, bench: Benchmark, tasks: tuple[TaskInfo, ...], t: int,
                     store: ArtifactStore, policy: DevicePolicy, protocol: Protocol,
                     cfg: RunConfig) -> list[dict[str, Any]]:
     rows = []
     for j in range(t + 1):
-        model = method.load_task(tasks[j], store)
+        model = rebuild(method, tasks[j], store)
         acc = evaluate(model, bench.tasks[j].test, device=policy.device,
                        batch_size=protocol.eval_batch_size, amp=protocol.amp,
                        num_workers=cfg.num_workers, policy=policy)

@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from benchmarks.data.base import TensorImages
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
 from benchmarks.device_policy import DevicePolicy
 from benchmarks.method import Method
@@ -180,9 +179,10 @@ def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_work
 
 
 def _on_device(dataset: Dataset, policy: DevicePolicy | None) -> DeviceBatches | None:
-    """The dataset as one tensor on the policy's device, where the policy and data allow."""
-    if (policy is None or not policy.data_on_device or not isinstance(dataset, TensorImages)
-            or dataset.batch_augment is None):
+    """The dataset as one tensor on the policy's device, where the policy and data allow
+    (in-memory data sets, :class:`benchmarks.data.decode_cache.DecodedImages`)."""
+    if (policy is None or not policy.data_on_device or not hasattr(dataset, "on_device")
+            or getattr(dataset, "batch_augment", None) is None):
         return None
     return dataset.on_device(policy.device)
 

@@ -17,6 +17,7 @@ windows and a normalisation: no Python loop per image, static shapes, no host sy
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,19 +27,24 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """Random crop (zero padding ``pad``), optional horizontal flip, then normalisation.
+    """Random crop (zero padding ``pad``), optional horizontal flip, normalisation, then
+    optional Cutout (``cutout`` x ``cutout`` zeros after normalising, as
+    :class:`benchmarks.data.transforms.Cutout`).
 
-    ``pad=0`` and ``flip=False`` give the deterministic test-time transform (normalise only).
+    Without randomness (``pad=0``, no flip, no cutout) it is the test-time transform: a
+    centre crop to ``center`` pixels when given, then normalisation.
     """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pad: int = 0
     flip: bool = False
+    cutout: int = 0
+    center: int | None = None
 
     @property
     def random(self) -> bool:
-        return self.pad > 0 or self.flip
+        return self.pad > 0 or self.flip or self.cutout > 0
 
     def draw(self, n: int, generator: torch.Generator | None, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +78,16 @@ class BatchAugment:
         windows = source.unfold(3, h, 1).unfold(4, w, 1)  # (F, N, C, dy, dx, H, W): a view
         dx = torch.where(flips, 2 * self.pad - offsets[:, 1], offsets[:, 1])
         x = windows[flips.long(), index, :, offsets[:, 0], dx]  # (B, C, H, W)
-        return self.normalise(x)
+        x = self.normalise(x)
+        return cutout(x, self.cutout, generator) if self.cutout else x
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, per channel."""
+        """uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``, per channel (after a
+        centre crop to ``center`` when given, with torchvision's rounding)."""
+        if self.center is not None and not self.random:
+            h, w = x.shape[-2:]
+            top, left = round((h - self.center) / 2), round((w - self.center) / 2)
+            x = x[..., top:top + self.center, left:left + self.center]
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return x.float().div_(255).sub_(mean).div_(std)
@@ -89,6 +101,100 @@ class BatchAugment:
             return self.normalise(images)
         index = torch.arange(len(images), device=images.device)
         return self.take(self.prepare(images), index, generator)
+
+
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Zero one ``size`` x ``size`` square per image of ``x`` (B, C, H, W) at a uniformly
+    drawn centre, clipped at the borders (rows [cy - size/2, cy + size/2) as
+    :class:`benchmarks.data.transforms.Cutout`); in place, returns ``x``."""
+    b, _, h, w = x.shape
+    half = size // 2
+    cy = torch.randint(0, h, (b, 1), generator=generator, device=x.device)
+    cx = torch.randint(0, w, (b, 1), generator=generator, device=x.device)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_rows = (rows >= cy - half) & (rows < cy + half)  # (B, H)
+    in_cols = (cols >= cx - half) & (cols < cx + half)  # (B, W)
+    return x.masked_fill_((in_rows[:, None, :, None] & in_cols[:, None, None, :]), 0.0)
+
+
+@dataclass(frozen=True)
+class ResizedCropAugment:
+    """torchvision's ``RandomResizedCrop(size)`` (scale (0.08, 1), ratio (3/4, 4/3), up to 10
+    tries, then the centre-crop fallback), horizontal flip, normalisation and Cutout, on
+    whole uint8 batches: the boxes are drawn as torchvision draws them, all tries at once;
+    the resampling is bilinear ``grid_sample`` (no antialiasing, unlike PIL's resize: a
+    downscaled crop is a little sharper)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    cutout: int = 0
+    tries: int = 10
+    random = True
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def boxes(self, n: int, height: int, width: int, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
+        """(n, 4) float boxes (top, left, h, w) in pixels, as ``RandomResizedCrop.get_params``
+        draws them (first of ``tries`` valid draws, else the ratio-clamped full image)."""
+        area = height * width
+        u = torch.rand(n, self.tries, 4, generator=generator, device=device,
+                       dtype=torch.float64)
+        target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+        w = torch.round(torch.sqrt(target * aspect))
+        h = torch.round(torch.sqrt(target / aspect))
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.to(torch.int8).argmax(1, keepdim=True)  # first valid try (0 if none)
+        pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
+        w, h, ok_any = pick(w), pick(h), ok.any(1)
+        top = torch.floor(pick(u[..., 2]) * (height - h + 1))
+        left = torch.floor(pick(u[..., 3]) * (width - w + 1))
+        in_ratio = width / height  # the fallback: torchvision's centre crop
+        if in_ratio < self.ratio[0]:
+            fw, fh = float(width), float(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fw, fh = float(round(height * self.ratio[1])), float(height)
+        else:
+            fw, fh = float(width), float(height)
+        fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw],
+                                device=device, dtype=torch.float64)
+        drawn = torch.stack([top, left, h, w], 1)
+        return torch.where(ok_any[:, None], drawn, fallback).float()
+
+    def take(self, source: torch.Tensor, index: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images ``index`` of ``source`` (N, C, H, W) uint8: float32 (B, C, size, size)."""
+        x = source[index].float()
+        b, _, height, width = x.shape
+        box = self.boxes(b, height, width, generator, x.device)
+        flips = (torch.rand(b, generator=generator, device=x.device) < 0.5 if self.flip
+                 else torch.zeros(b, dtype=torch.bool, device=x.device))
+        top, left, h, w = box.unbind(1)
+        theta = torch.zeros(b, 2, 3, device=x.device)
+        theta[:, 0, 0] = torch.where(flips, -w / width, w / width)
+        theta[:, 0, 2] = (2 * left + w) / width - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (2 * top + h) / height - 1
+        grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        x = x.div_(255).sub_(mean).div_(std)
+        return cutout(x, self.cutout, generator) if self.cutout else x
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("ResizedCropAugment is a training transform; use BatchAugment")
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        return self.take(images, torch.arange(len(images), device=images.device), generator)
 
 
 def crop_flip(images: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor
@@ -122,8 +228,8 @@ class DeviceBatches:
     batches in a seeded order; build it once per task, then iterate epochs with
     :meth:`epoch`. Nothing is rebuilt per epoch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment,
-                 device: torch.device) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 augment: BatchAugment | ResizedCropAugment, device: torch.device) -> None:
         self.images = images.to(device, non_blocking=True)
         self.labels = labels.to(device, non_blocking=True).long()
         self.augment, self.device = augment, device

@@ -22,6 +22,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task
+from benchmarks.data.batches import BatchAugment, ResizedCropAugment
+from benchmarks.data.decode_cache import DecodedImages
 from benchmarks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Cutout
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,29 @@ def transforms(cropped: bool) -> tuple[T.Compose, T.Compose]:
     return T.Compose(train), T.Compose(test)
 
 
-def build(data_root: Path) -> Benchmark:
+def first_step(cropped: bool) -> tuple[T.Compose | T.Resize, int]:
+    """The deterministic start of both transforms, cached once per image, and its size
+    (:mod:`benchmarks.data.decode_cache` says why the uncropped sets keep a centre square)."""
+    if cropped:
+        return T.Resize((224, 224)), 224
+    return T.Compose([T.Resize(256), T.CenterCrop(256)]), 256
+
+
+def batch_transforms(cropped: bool) -> tuple[BatchAugment | ResizedCropAugment, BatchAugment]:
+    """:func:`transforms` on whole batches of cached images (train, test)."""
+    if cropped:
+        return (BatchAugment(IMAGENET_MEAN, IMAGENET_STD, flip=True, cutout=16),
+                BatchAugment(IMAGENET_MEAN, IMAGENET_STD))
+    return (ResizedCropAugment(IMAGENET_MEAN, IMAGENET_STD, size=224, flip=True, cutout=16),
+            BatchAugment(IMAGENET_MEAN, IMAGENET_STD, center=224))
+
+
+def build(data_root: Path, cache_dir: str | None = None) -> Benchmark:
+    """The five tasks. With data on the device (the default), each split's images are
+    decoded once into ``cache_dir`` on first use (default: ``<data root>/.nws_decoded``, see
+    :mod:`benchmarks.data.decode_cache`; ``--bench-opt cache_dir=DIR``)."""
     root = Path(data_root).expanduser().resolve()
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else None
     problems = check_layout(root)
     if problems:
         layout = "\n".join(f"  {root}/{n}/{{train,test}}/<class>/<images>" for n, _, _ in DATASETS)
@@ -92,6 +115,10 @@ def build(data_root: Path) -> Benchmark:
         train_tf, test_tf = transforms(cropped)
         train = datasets.ImageFolder(str(root / name / "train"), train_tf)
         test = datasets.ImageFolder(str(root / name / "test"), test_tf)
+        step, size = first_step(cropped)
+        train_aug, test_aug = batch_transforms(cropped)
+        train = DecodedImages(train, step, size, train_aug, cache, f"{name}-train", root)
+        test = DecodedImages(test, step, size, test_aug, cache, f"{name}-test", root)
         if len(train.classes) != expected:
             log.warning("%s has %d classes, the release has %d: not comparable with the paper",
                         name, len(train.classes), expected)

@@ -108,3 +108,22 @@ def test_resized_crop_batches_flip_and_cut_out():
     assert int(zeros.max()) <= 64 and int(zeros.min()) >= 16  # clipped squares of <= 8x8
     assert math.isclose(float(out.mean()), 1 - float(zeros.double().mean()) / 1024,
                         rel_tol=1e-4)
+
+
+def test_a_resized_crop_samples_the_box_as_torchvisions_bilinear_resize():
+    """For a fixed box, the batch path's pixels (away from the box edges, where grid_sample
+    blends with neighbours outside the box and torchvision clamps) equal torchvision's
+    resized_crop without antialiasing (to float rounding); flipped, they are mirrored."""
+    import torchvision.transforms.functional as TF
+
+    img = torch.randint(0, 256, (1, 3, 80, 80), dtype=torch.uint8)
+    box = torch.tensor([[10.0, 20.0, 40.0, 50.0]])  # top, left, h, w
+    aug_fixed = type("Fixed", (ResizedCropAugment,), {"boxes": lambda self, *a: box})(
+        (0.0,) * 3, (1.0,) * 3, size=48, flip=True)
+    for seed in range(4):  # both flip outcomes occur
+        out = aug_fixed(img, device_generator(seed, CPU))[0] * 255
+        ref = TF.resized_crop(img[0].float(), 10, 20, 40, 50, [48, 48], antialias=False)
+        inner = (slice(None), slice(2, -2), slice(2, -2))
+        same = torch.allclose(out[inner], ref[inner], atol=0.01)
+        mirrored = torch.allclose(out[inner], ref.flip(2)[inner], atol=0.01)
+        assert same or mirrored

@@ -177,12 +177,15 @@ class ResizedCropAugment:
         flips = (torch.rand(b, generator=generator, device=x.device) < 0.5 if self.flip
                  else torch.zeros(b, dtype=torch.bool, device=x.device))
         top, left, h, w = box.unbind(1)
-        theta = torch.zeros(b, 2, 3, device=x.device)
-        theta[:, 0, 0] = torch.where(flips, -w / width, w / width)
-        theta[:, 0, 2] = (2 * left + w) / width - 1
-        theta[:, 1, 1] = h / height
-        theta[:, 1, 2] = (2 * top + h) / height - 1
-        grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
+        # Axis-aligned: output column u in [0, size) samples x = left + (u + 0.5) w / size
+        # - 0.5 (pixels), i.e. (2 x + 1) / width - 1 in grid_sample's coordinates; mirrored
+        # where flipped. Built per axis and broadcast (no per-pixel affine product).
+        u = (torch.arange(self.size, device=x.device) + 0.5) / self.size  # (size,)
+        u_x = torch.where(flips[:, None], 1 - u, u)  # (B, size)
+        gx = (2 * (left[:, None] + u_x * w[:, None])) / width - 1
+        gy = (2 * (top[:, None] + u * h[:, None])) / height - 1
+        grid = torch.stack([gx[:, None, :].expand(b, self.size, self.size),
+                            gy[:, :, None].expand(b, self.size, self.size)], dim=-1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)

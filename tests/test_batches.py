@@ -176,3 +176,23 @@ def test_augment_keeps_shape_and_dtype(pad):
     aug = BatchAugment((0.5,) * 3, (0.25,) * 3, pad=pad, flip=True)
     out = aug(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), device_generator(0, torch.device("cpu")))
     assert out.shape == (5, 3, 8, 8) and out.dtype == torch.float32
+
+
+def test_an_epoch_of_device_batches_has_no_sync_prone_op():
+    """No nonzero, boolean-mask indexing or .item() while batches are drawn (the op
+    counter, on CPU, of the code CUDA runs); the normalisation constants are cached per
+    device (a copy per batch would synchronise a GPU)."""
+    from benchmarks.data.batches import ResizedCropAugment, _affine
+    from benchmarks.opcount import OpCounter
+
+    images, labels = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.arange(40)
+    for aug in (BatchAugment((0.5,) * 3, (0.25,) * 3, pad=4, flip=True, cutout=8),
+                ResizedCropAugment((0.5,) * 3, (0.25,) * 3, size=24, cutout=8)):
+        data = DeviceBatches(images, labels, aug, torch.device("cpu"))
+        gen = device_generator(0, torch.device("cpu"))
+        with OpCounter() as ops:
+            shapes = [x.shape for x, _ in data.epoch(16, generator(1, "o"), gen, False)]
+        assert ops.syncs == 0, ops.sync_counts
+        assert shapes[0][1:] == shapes[-1][1:] and len(shapes) == 3
+    assert _affine((0.5,), (0.25,), torch.device("cpu"))[0] is _affine(
+        (0.5,), (0.25,), torch.device("cpu"))[0]

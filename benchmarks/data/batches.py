@@ -17,6 +17,7 @@ windows and a normalisation: no Python loop per image, static shapes, no host sy
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,10 +103,13 @@ class BatchAugment:
         return self.take(self.prepare(images), index, generator)
 
 
+@functools.lru_cache(maxsize=64)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / 255 - mean) / std as x * scale - shift, (1, C, 1, 1) each: two passes, not three
-    (equal to torchvision's Normalize of x / 255 to float32 rounding, ~1e-7 relative)."""
+    (equal to torchvision's Normalize of x / 255 to float32 rounding, ~1e-7 relative).
+    Cached per device: a fresh host-to-device copy per batch would stall the host until the
+    GPU caught up (a pageable copy synchronises)."""
     m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
     return (1 / (255 * s)).float().to(device), (m / s).float().to(device)
@@ -123,6 +127,22 @@ def cutout(x: torch.Tensor, size: int, generator: torch.Generator | None) -> tor
     in_rows = (rows >= cy - half) & (rows < cy + half)  # (B, H)
     in_cols = (cols >= cx - half) & (cols < cx + half)  # (B, W)
     return x.masked_fill_((in_rows[:, None, :, None] & in_cols[:, None, None, :]), 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _fallback_box(height: int, width: int, ratio: tuple[float, float], device: torch.device
+                  ) -> torch.Tensor:
+    """torchvision's centre-crop fallback of RandomResizedCrop (top, left, h, w), float64,
+    cached per device (no host-to-device copy per batch)."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = float(width), float(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = float(round(height * ratio[1])), float(height)
+    else:
+        fw, fh = float(width), float(height)
+    return torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw],
+                        dtype=torch.float64).to(device)
 
 
 @dataclass(frozen=True)
@@ -164,15 +184,7 @@ class ResizedCropAugment:
         w, h, ok_any = pick(w), pick(h), ok.any(1)
         top = torch.floor(pick(u[..., 2]) * (height - h + 1))
         left = torch.floor(pick(u[..., 3]) * (width - w + 1))
-        in_ratio = width / height  # the fallback: torchvision's centre crop
-        if in_ratio < self.ratio[0]:
-            fw, fh = float(width), float(round(width / self.ratio[0]))
-        elif in_ratio > self.ratio[1]:
-            fw, fh = float(round(height * self.ratio[1])), float(height)
-        else:
-            fw, fh = float(width), float(height)
-        fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw],
-                                device=device, dtype=torch.float64)
+        fallback = _fallback_box(height, width, self.ratio, device)
         drawn = torch.stack([top, left, h, w], 1)
         return torch.where(ok_any[:, None], drawn, fallback).float()
 

@@ -179,7 +179,7 @@ class ResizedCropAugment:
         w = torch.round(torch.sqrt(target * aspect))
         h = torch.round(torch.sqrt(target / aspect))
         ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = ok.to(torch.int8).argmax(1, keepdim=True)  # first valid try (0 if none)
+        first = ok.float().argmax(1, keepdim=True)  # first valid try (0 if none)
         pick = lambda t: t.gather(1, first).squeeze(1)  # noqa: E731
         w, h, ok_any = pick(w), pick(h), ok.any(1)
         top = torch.floor(pick(u[..., 2]) * (height - h + 1))

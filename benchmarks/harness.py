@@ -5,8 +5,9 @@ artifact store in one transaction, then rebuild every task j <= t from the store
 evaluate it (row R[t][j] of the accuracy matrix). A run killed at any point and restarted
 with the same command continues after its last committed task; a task committed to the
 store but not yet evaluated is evaluated, not retrained; a task killed while training
-continues after its last finished epoch (``checkpoints/`` in the run folder, one file per
-training phase, deleted once the task is in the store).
+continues after its last saved epoch (``checkpoints/`` in the run folder or
+``--checkpoint-dir``, one file per training phase, written every ``--checkpoint-every`` and
+after a phase's last epoch, deleted once the task is in the store).
 """
 
 from __future__ import annotations
@@ -25,16 +26,23 @@ from typing import Any
 
 import torch
 
-from benchmarks.archs import Pretrained, check_input_size
+from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensors
 from benchmarks.data import BENCHMARKS, Benchmark
-from benchmarks.device_policy import resolve_device
+from benchmarks.data.files import CHECK_ONLY_OPTIONS
+from benchmarks.device_policy import DevicePolicy, resolve_device
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
 from benchmarks.protocols import Protocol, resolve_protocol
 from benchmarks.results import ResultsStore
 from benchmarks.seeding import seed_global, set_deterministic
 from benchmarks.store import ArtifactStore
-from benchmarks.training import FitStats, evaluate, fit
+from benchmarks.training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    CheckpointPolicy,
+    FitStats,
+    evaluate,
+    fit,
+)
 
 log = logging.getLogger("benchmarks")
 MIB = 2**20
@@ -62,6 +70,12 @@ class RunConfig:
     protocol_overrides: dict[str, Any] = field(default_factory=dict)
     benchmark_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    # When a training phase writes its checkpoint: epochs ("5") or a time ("10m"); the last
+    # epoch of a phase always. Not part of the run's identity: it never changes results.
+    checkpoint_every: str = DEFAULT_CHECKPOINT_EVERY
+    # Where phase checkpoints go (e.g. node-local scratch); None: the run folder's
+    # checkpoints/. Runs sharing one directory each use <dir>/<run id>/.
+    checkpoint_dir: str | None = None
 
 
 def build_benchmark(cfg: RunConfig) -> Benchmark:
@@ -97,17 +111,47 @@ def environment(device: torch.device, deterministic: bool) -> dict[str, Any]:
     }
 
 
+def data_identity(benchmark_options: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark options that decide what the data is (not how it is checked or cached:
+    ``--bench-opt verify=full`` on a rerun resumes the same run)."""
+    return {k: v for k, v in benchmark_options.items() if k not in CHECK_ONLY_OPTIONS}
+
+
 def run_identity(cfg: RunConfig, protocol: Protocol, options: dict[str, Any],
-                 pretrained: str) -> dict[str, Any]:
-    """What must match for a run folder to be resumed."""
+                 pretrained: str, device: torch.device) -> dict[str, Any]:
+    """What must match for a run folder to be resumed.
+
+    The device type belongs to it: a run started on CPU and resumed on CUDA (or back) would
+    mix two numerics (other kernels, TF32, AMP only on CUDA) in one result without a trace,
+    so such a resume is refused (:func:`check_resumable` says how to go on). The device
+    index does not (a requeued job may get another GPU). It is not in the run id: the same
+    command on another device type finds the folder and is told, not silently given a new
+    one."""
     proto = protocol.as_dict()
     proto.pop("provenance")
     return {
         "method": cfg.method, "benchmark": cfg.benchmark, "arch": cfg.arch, "seed": cfg.seed,
         "protocol": proto, "options": options, "pretrained": pretrained,
-        "num_tasks": cfg.num_tasks, "benchmark_options": cfg.benchmark_options,
-        "deterministic": cfg.deterministic,
+        "num_tasks": cfg.num_tasks, "benchmark_options": data_identity(cfg.benchmark_options),
+        "deterministic": cfg.deterministic, "device_type": device.type,
     }
+
+
+def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Raise :class:`RunConflictError` unless the run in ``folder`` (its ``previous``
+    identity) is the run ``identity`` describes."""
+    identity = json.loads(json.dumps(identity, default=str))
+    was, now = previous.get("device_type"), identity["device_type"]
+    if was is not None and was != now:
+        raise RunConflictError(
+            f"{folder} was started on a {was} device and this command runs on {now}: resuming "
+            f"would mix two numerics in one result. Resume it with --device {was}, or start "
+            f"afresh on {now} with another --out (or delete that folder)")
+    if previous != identity:
+        raise RunConflictError(
+            f"{folder} holds a run with another configuration; choose another --out, or "
+            f"delete that folder to start over"
+        )
 
 
 def run_id(cfg: RunConfig, identity: dict[str, Any]) -> str:
@@ -138,23 +182,22 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     protocol = method.adjust_protocol(protocol)
     ctx.protocol = protocol
 
-    identity = run_identity(cfg, protocol, options, pretrained_source)
+    every = CheckpointPolicy.parse(cfg.checkpoint_every)
+    policy = DevicePolicy.for_device(device)
+    identity = run_identity(cfg, protocol, options, pretrained_source, device)
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
     previous = results.read_json("config.json")
-    if previous is not None and previous["identity"] != json.loads(json.dumps(identity,
-                                                                                default=str)):
-        raise RunConflictError(
-            f"{results.dir} holds a run with another configuration; choose another --out, or "
-            f"delete that folder to start over"
-        )
+    if previous is not None:
+        check_resumable(results.dir, previous["identity"], identity)
     results.write_json("config.json", {
         "identity": identity, "run_id": rid, "protocol_provenance": protocol.provenance,
         "option_provenance": {k: s.source for k, s in method_cls.settings(cfg.benchmark).items()},
         "synthetic": bench.synthetic, "benchmark_notes": bench.notes,
         "tasks": [asdict(t) for t in tasks], "run_config": asdict(cfg),
     })
-    results.write_json("env.json", environment(device, cfg.deterministic))
+    results.write_json("env.json", environment(device, cfg.deterministic)
+                       | {"device_policy": policy.describe()})
     store = ArtifactStore(results.dir / "artifacts")
 
     base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": cfg.method,
@@ -167,18 +210,19 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
         t = info.index
         if t in finished:
             continue
-        checkpoints = results.dir / "checkpoints"
+        checkpoints = (Path(cfg.checkpoint_dir).expanduser().resolve() / rid
+                       if cfg.checkpoint_dir else results.dir / "checkpoints")
         if not store.has_task(t):
-            _learn_task(method, info, task, store, cfg, device, protocol,
+            _learn_task(method, info, task, store, cfg, policy, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
-                        checkpoints=checkpoints)
+                        checkpoints=checkpoints, every=every)
         else:
             log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
         # The task is in the store: its phases' checkpoints are not needed now (also those a
         # kill between the commit and this line left behind).
         for done in checkpoints.glob(f"{_checkpoint_prefix(t)}*"):
             done.unlink()
-        rows = _evaluate_after(method, bench, tasks, t, store, device, protocol, cfg)
+        rows = _evaluate_after(method, bench, tasks, t, store, policy, protocol, cfg)
         meta = store.task_meta(t)
         measured = {m: meta.get(m) for m in ("train_seconds", "train_steps", "final_train_loss")}
         measured |= method.task_metrics(info, store)
@@ -213,12 +257,13 @@ def _checkpoint_prefix(task: int) -> str:
 
 
 def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
-                device: torch.device, protocol: Protocol, desc: str,
-                checkpoints: Path) -> None:
-    """Train task ``info`` and commit it to the store. Each training phase checkpoints after
-    every epoch; a resumed task replays its phases in order, and what a method does between
-    them (PackNet's pruning, NWS's k-means pools) runs again on the restored weights and
-    RNG state, so it repeats exactly."""
+                policy: DevicePolicy, protocol: Protocol, desc: str,
+                checkpoints: Path, every: CheckpointPolicy) -> None:
+    """Train task ``info`` and commit it to the store. Each training phase checkpoints as
+    ``every`` says and after its last epoch; a resumed task replays its phases in order, and
+    what a method does between them (PackNet's pruning, NWS's k-means pools) runs again on
+    the restored weights and RNG state, so it repeats exactly."""
+    device = policy.device
     seed_global(cfg.seed, info.index, "init")
     model = method.model_for_task(info, store).to(device)
     stats = FitStats()
@@ -229,7 +274,8 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
         fit(m, method, proto, task.train, device=device, seed=cfg.seed, task=info.index,
             phase=phase, num_workers=cfg.num_workers, progress=cfg.progress,
             desc=f"{desc} [{phase}]", stats=stats,
-            checkpoint=checkpoints / f"{prefix}{next(calls)}-{phase}.pt")
+            checkpoint=checkpoints / f"{prefix}{next(calls)}-{phase}.pt",
+            checkpoint_every=every, policy=policy)
 
     phase_fit(model, protocol, "train")
     method.finish_task(info, model, phase_fit)
@@ -241,15 +287,29 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
                                       "final_train_loss": stats.final_loss})
 
 
+def rebuild(method: Method, task: TaskInfo, store: ArtifactStore) -> torch.nn.Module:
+    """``method.load_task`` without a throwaway random init (:func:`archs.no_init`); a
+    method whose rebuilt model still holds unset (NaN) tensors is an error naming them,
+    never a silent wrong accuracy."""
+    with no_init():
+        model = method.load_task(task, store)
+    unset = unset_tensors(model)
+    if unset:
+        raise RuntimeError(
+            f"{method.name}.load_task left {len(unset)} tensors unset ({unset[:3]}...): a "
+            f"stored model must set every tensor; it relied on the random init")
+    return model
+
+
 def _evaluate_after(method: Method, bench: Benchmark, tasks: tuple[TaskInfo, ...], t: int,
-                    store: ArtifactStore, device: torch.device, protocol: Protocol,
+                    store: ArtifactStore, policy: DevicePolicy, protocol: Protocol,
                     cfg: RunConfig) -> list[dict[str, Any]]:
     rows = []
     for j in range(t + 1):
-        model = method.load_task(tasks[j], store)
-        acc = evaluate(model, bench.tasks[j].test, device=device,
+        model = rebuild(method, tasks[j], store)
+        acc = evaluate(model, bench.tasks[j].test, device=policy.device,
                        batch_size=protocol.eval_batch_size, amp=protocol.amp,
-                       num_workers=cfg.num_workers)
+                       num_workers=cfg.num_workers, policy=policy)
         rows.append({"task": j, "task_name": tasks[j].name, "after_task": t,
                      "metric": "accuracy", "value": acc})
     return rows

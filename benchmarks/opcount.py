@@ -55,7 +55,7 @@ class OpCounter(TorchDispatchMode):
         self.counts: Counter[str] = Counter()
         self.sync_counts: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
         self.counts[name] += 1

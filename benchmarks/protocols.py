@@ -37,6 +37,7 @@ class Protocol:
     weight_decay: float
     batch_size: int
     amp: str  # "none" | "bf16" | "fp16" (applied only on CUDA)
+    drop_last: bool = False  # drop the last partial batch of an epoch (one of 1 always is)
     max_steps_per_epoch: int | None = None  # None = full epochs; set by `smoke`
     eval_batch_size: int = 256
     provenance: dict[str, str] = field(default_factory=dict, compare=False)
@@ -72,6 +73,9 @@ _COMMON: dict[str, S] = {
     "weight_decay": S(1e-5, PAPER),
     "batch_size": S(32, CODE + " (the paper gives none)"),
     "amp": S("none", OURS + ": fp32 unless a protocol says otherwise"),
+    "drop_last": S(False, CODE + ": its loader keeps the last partial batch (79 steps per "
+                   "Split-CIFAR-100 task epoch: 2,500 images, batch 32); ours: a last batch of "
+                   "one image is dropped all the same (BatchNorm cannot train on it)"),
 }
 
 # Per-benchmark changes to a protocol, keyed by benchmark name.

@@ -22,7 +22,7 @@ from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
 from benchmarks.results import load_rows
-from benchmarks.training import TrainingDivergedError
+from benchmarks.training import DEFAULT_CHECKPOINT_EVERY, TrainingDivergedError
 
 DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
 
@@ -73,6 +73,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-opt", action="append", metavar="KEY=VALUE",
                    help="benchmark option, e.g. --bench-opt download=false")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--checkpoint-every", default=DEFAULT_CHECKPOINT_EVERY, metavar="N|Nm",
+                   help="phase checkpoint every N epochs (e.g. 5) or minutes (e.g. 10m, also "
+                        "90s, 2h); the last epoch of a phase always (default: %(default)s)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="phase checkpoints under DIR/<run id>/ (e.g. node-local scratch; "
+                        "default: the run folder's checkpoints/)")
     return p
 
 
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             protocol_overrides=_pairs(args.set, "--set"),
             benchmark_options=_pairs(args.bench_opt, "--bench-opt"),
             progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
         )
         options = _pairs(args.opt, "--opt")
         bench = build_benchmark(RunConfig(method=methods[0], **base))

@@ -1,5 +1,6 @@
-"""The training loop the harness owns: optimiser, schedule, AMP, seeded loaders, progress,
-and a checkpoint after every epoch to resume a killed phase from."""
+"""The training loop the harness owns: optimiser, schedule, AMP, seeded batches (on the
+device for in-memory data), progress, and phase checkpoints to resume a killed phase from
+(every few minutes or epochs, and after a phase's last epoch)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
+from benchmarks.device_policy import DevicePolicy
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
 from benchmarks.seeding import derive_seed, generator, seed_global
@@ -116,9 +119,49 @@ class FitStats:
     final_loss: float = float("nan")
 
 
+DEFAULT_CHECKPOINT_EVERY = "10m"
+"""Ours: a phase checkpoint at most every 10 minutes (and always after a phase's last epoch).
+A preempted job loses at most ~10 minutes of one phase, and a GPU run, whose CIFAR task epochs
+take seconds, no longer writes a 85 MiB checkpoint after each of them (~170 GB per run)."""
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a phase checkpoint is written: every ``epochs`` epochs, or after the first epoch
+    that ends ``seconds`` or more after the last write (or the phase's start); after the
+    phase's last epoch always. Which epochs are saved never changes results: each epoch's
+    data order and augmentation are seeded by its coordinates."""
+
+    epochs: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int) -> CheckpointPolicy:
+        """``"5"`` (epochs), ``"10m"`` (minutes), ``"90s"``, ``"2h"``; ``ValueError`` else."""
+        raw = str(text).strip().lower()
+        unit = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(raw[-1:]) if raw else None
+        number = raw[:-1] if unit else raw
+        try:
+            value = float(number) if unit else int(number)
+        except ValueError:
+            value = -1
+        if not value > 0:
+            raise ValueError(f"--checkpoint-every {text!r}: give a number of epochs (e.g. 5) "
+                             f"or a time interval (e.g. 10m, 90s, 2h)")
+        return cls(seconds=value * unit) if unit else cls(epochs=int(value))
+
+    def due(self, epochs_since: int, seconds_since: float) -> bool:
+        if self.epochs is not None:
+            return epochs_since >= self.epochs
+        return seconds_since >= (self.seconds or 0.0)
+
+
 def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_workers: int,
-           shuffle: bool = True) -> DataLoader:
-    """A loader whose order and augmentation are pure functions of (seed, coords)."""
+           shuffle: bool = True, drop_last: bool = False) -> DataLoader:
+    """A loader whose order and augmentation are pure functions of (seed, coords) (the
+    per-image path: folder trees such as CUB-to-Sketches, or data on the device turned off).
+    ``drop_last=False`` keeps a last partial batch; :func:`fit` still skips one of a single
+    image (see :func:`benchmarks.data.batches.batches_per_epoch`)."""
     aug_seed = derive_seed(seed, *coords, "augment")
     seed_global(seed, *coords, "augment")  # augmentation in the main process
 
@@ -130,7 +173,7 @@ def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_work
         batch_size=batch_size,
         sampler=RandomSampler(dataset, generator=generator(seed, *coords, "order"))
         if shuffle else None,
-        drop_last=shuffle and len(dataset) > batch_size,  # a batch of 1 breaks BatchNorm
+        drop_last=shuffle and drop_last and len(dataset) > batch_size,
         num_workers=num_workers,
         worker_init_fn=init_worker if num_workers else None,
         pin_memory=torch.cuda.is_available(),
@@ -138,20 +181,60 @@ def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_work
     )
 
 
-def _rng_state() -> dict[str, Any]:
+def _on_device(dataset: Dataset, policy: DevicePolicy | None) -> DeviceBatches | None:
+    """The dataset as one tensor on the policy's device, where the policy and data allow
+    (in-memory data sets, :class:`benchmarks.data.decode_cache.DecodedImages`)."""
+    if (policy is None or not policy.data_on_device or not hasattr(dataset, "on_device")
+            or getattr(dataset, "batch_augment", None) is None):
+        return None
+    return dataset.on_device(policy.device)
+
+
+def _epoch_batches(dataset: Dataset, on_device: DeviceBatches | None, protocol: Protocol,
+                   seed: int, coords: tuple, num_workers: int) -> Iterator:
+    """One epoch's (x, y) batches from the streams of ``coords`` = (task, phase, epoch)."""
+    if on_device is None:
+        return iter(loader(dataset, protocol.batch_size, seed, coords, num_workers,
+                           drop_last=protocol.drop_last))
+    seed_global(seed, *coords, "augment")  # the global streams, as the loader path seeds them
+    augment = device_generator(derive_seed(seed, *coords, "augment"), on_device.device)
+    return on_device.epoch(protocol.batch_size, generator(seed, *coords, "order"), augment,
+                           protocol.drop_last)
+
+
+# -- RNG state: the CPU generators and the training device's own (only that one) ----------
+
+def _device_rng(device: torch.device) -> Any | None:
+    """The torch module holding ``device``'s generator API (``torch.cuda``, ...), if any."""
+    if device.type in ("cpu", "meta"):
+        return None
+    module = getattr(torch, device.type, None)
+    return module if hasattr(module, "get_rng_state") else None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """CPU generators (torch, numpy, random) and the generator of ``device`` alone: a run
+    resumed with fewer devices visible, or on another index, restores it all the same."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "random": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+             "random": random.getstate(), "device_type": device.type}
+    module = _device_rng(device)
+    if module is not None:
+        state["device"] = module.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    module = _device_rng(device)
+    if "device" in state and module is not None:
+        if state.get("device_type") != device.type:
+            log.warning("checkpoint RNG state is from a %s device, training runs on %s: its "
+                        "device generator is not restored", state.get("device_type"),
+                        device.type)
+        else:
+            module.set_rng_state(state["device"], device)
 
 
 def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitStats,
@@ -162,24 +245,26 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
              "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict(),
              "scaler": trainer.scaler.state_dict(), "nonfinite_streak": trainer.nonfinite_streak,
              "stats": asdict(stats), "running": None if running is None else running.item(),
-             "rng": _rng_state()}
+             "rng": _rng_state(trainer.device)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, trainer: Trainer, stats: FitStats
-                     ) -> tuple[int, torch.Tensor | None]:
-    """Restore a phase from ``path``; returns (epochs done, running loss). A missing or
-    unreadable file (a disk that filled up) starts the phase over: it is only a cache."""
-    if not path.exists():
-        return 0, None
-    try:  # our own file, holding numpy's RNG state: not loadable with weights_only
-        state = torch.load(path, map_location=trainer.device, weights_only=False)
-    except Exception as err:  # any unreadable file: retrain the phase
-        log.warning("checkpoint %s is unreadable (%s); this phase starts over", path, err)
-        return 0, None
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents on the CPU, whatever device wrote it (placing them is
+    :func:`_restore`'s job: ``map_location=<cuda>`` would put the RNG states on the GPU,
+    where ``torch.set_rng_state`` refuses them)."""
+    # our own file, holding numpy's RNG state: not loadable with weights_only
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _restore(state: dict[str, Any], trainer: Trainer, stats: FitStats, path: Path
+             ) -> tuple[int, torch.Tensor | None]:
+    """Place a checkpoint read on the CPU: model tensors are copied into the model's own
+    (device) tensors, the optimiser state follows its parameters' device (torch's
+    ``Optimizer.load_state_dict``), RNG states stay on the CPU."""
     try:
         trainer.model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -188,45 +273,76 @@ def _load_checkpoint(path: Path, trainer: Trainer, stats: FitStats
             f"written?); delete it to retrain this phase from its start") from err
     trainer.opt.load_state_dict(state["opt"])
     trainer.sched.load_state_dict(state["sched"])
-    trainer.scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(state["scaler"])
+    else:  # written where the scaler was off (CPU, amp != fp16): an enabled one starts fresh
+        log.warning("checkpoint %s holds no loss-scaler state; fp16 loss scaling starts afresh",
+                    path)
     trainer.nonfinite_streak = state["nonfinite_streak"]
     for name, value in state["stats"].items():
         setattr(stats, name, value)
-    _set_rng_state(state["rng"])
+    _set_rng_state(state["rng"], trainer.device)
     running = state["running"]
     return state["epochs_done"], None if running is None else torch.tensor(running)
+
+
+def _load_checkpoint(path: Path, trainer: Trainer, stats: FitStats
+                     ) -> tuple[int, torch.Tensor | None]:
+    """Restore a phase from ``path``; returns (epochs done, running loss). A missing or
+    unreadable file (a disk that filled up) starts the phase over: it is only a cache."""
+    if not path.exists():
+        return 0, None
+    try:
+        state = _read_checkpoint(path)
+    except Exception as err:  # any unreadable file: retrain the phase
+        log.warning("checkpoint %s is unreadable (%s); this phase starts over", path, err)
+        return 0, None
+    return _restore(state, trainer, stats, path)
 
 
 def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, *,
         device: torch.device, seed: int, task: int, phase: str, num_workers: int = 0,
         progress: bool = True, desc: str = "", stats: FitStats | None = None,
-        checkpoint: Path | None = None) -> FitStats:
+        checkpoint: Path | None = None, checkpoint_every: CheckpointPolicy | None = None,
+        policy: DevicePolicy | None = None) -> FitStats:
     """Train ``model`` on ``dataset`` for ``protocol.epochs`` epochs (one phase of a task).
 
-    ``checkpoint``: after every epoch the model, optimiser, schedule, loss scaler, statistics
-    and RNG state are saved there, and a phase that finds one continues after its last
-    finished epoch (one that finds its phase finished only restores it). Each epoch's data
-    order and augmentation are seeded by (seed, task, phase, epoch), so on CPU with
-    ``--deterministic`` the result is bit-identical to an uninterrupted run; the epoch that
-    was running when the run was killed is lost. ``stats.seconds`` counts the epochs kept.
+    ``checkpoint``: the model, optimiser, schedule, loss scaler, statistics and RNG state are
+    saved there as ``checkpoint_every`` says (default :data:`DEFAULT_CHECKPOINT_EVERY`) and
+    after the phase's last epoch, and a phase that finds one continues after its last saved
+    epoch (one that finds its phase finished only restores it). Each epoch's data order and
+    augmentation are seeded by (seed, task, phase, epoch), so on CPU with ``--deterministic``
+    the result is bit-identical to an uninterrupted run; the epochs after the last save are
+    lost. ``stats.seconds`` counts the epochs kept.
+
+    ``policy`` (default: :meth:`DevicePolicy.for_device`): with ``data_on_device`` an
+    in-memory data set is one uint8 tensor on ``device``, batches are drawn and augmented
+    there (:mod:`benchmarks.data.batches`); other data sets go through a DataLoader.
+    ``protocol.drop_last`` decides the last partial batch (a batch of one image is always
+    dropped: BatchNorm cannot train on it); kept, it is the one batch of another size.
     """
     stats = stats if stats is not None else FitStats()
+    policy = policy if policy is not None else DevicePolicy.for_device(device)
+    every = checkpoint_every or CheckpointPolicy.parse(DEFAULT_CHECKPOINT_EVERY)
     model.to(device).train()
     trainer = Trainer(model, method, protocol, device)
-    per_epoch = len(dataset) // protocol.batch_size if len(dataset) > protocol.batch_size else 1
+    per_epoch = batches_per_epoch(len(dataset), protocol.batch_size, protocol.drop_last)
     if protocol.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
     first, running = _load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
     if first:
         log.info("%s: resumed after epoch %d/%d from %s", desc or phase, first,
                  protocol.epochs, checkpoint)
+    on_device = _on_device(dataset, policy)
     bar = tqdm(total=protocol.epochs * per_epoch, initial=first * per_epoch, desc=desc,
                disable=not progress, leave=False, unit="step", dynamic_ncols=True,
                mininterval=0.5)
-    start = time.perf_counter()
+    start = saved_at = time.perf_counter()
+    saved_epoch = first
     for epoch in range(first, protocol.epochs):
-        dl = loader(dataset, protocol.batch_size, seed, (task, phase, epoch), num_workers)
-        for i, (x, y) in enumerate(dl):
+        batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
+                                 num_workers)
+        for i, (x, y) in enumerate(batches):
             if i >= per_epoch:
                 break
             loss = trainer.step(x, y)
@@ -240,11 +356,14 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                                 lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
             bar.update(1)
         trainer.sched.step()
-        if checkpoint is not None:
-            now = time.perf_counter()
+        now = time.perf_counter()
+        last = epoch + 1 == protocol.epochs
+        if checkpoint is not None and (last or every.due(epoch + 1 - saved_epoch,
+                                                         now - saved_at)):
             stats.seconds, start = stats.seconds + now - start, now
             stats.final_loss = float(running) if running is not None else float("nan")
             _save_checkpoint(checkpoint, trainer, epoch + 1, stats, running)
+            saved_at, saved_epoch = time.perf_counter(), epoch + 1
     bar.close()
     stats.seconds += time.perf_counter() - start
     stats.final_loss = float(running) if running is not None else float("nan")
@@ -253,19 +372,27 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, device: torch.device, batch_size: int,
-             amp: str = "none", num_workers: int = 0) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on ``dataset``."""
+             amp: str = "none", num_workers: int = 0, policy: DevicePolicy | None = None
+             ) -> float:
+    """Top-1 accuracy (fraction) of ``model`` on ``dataset`` (on the device as ``policy``
+    says, like :func:`fit`; the count is read back once, at the end)."""
     model.to(device).eval()
-    dl = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    correct = total = 0
-    for x, y in dl:
+    policy = policy if policy is not None else DevicePolicy.for_device(device)
+    on_device = _on_device(dataset, policy)
+    batches = (on_device.ordered(batch_size) if on_device is not None else
+               DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers))
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
+    for x, y in batches:
+        y = y.to(device)
         with autocast_for(device, amp):
-            pred = model(x.to(device)).argmax(1).cpu()
-        correct += int((pred == y).sum())
+            pred = model(x.to(device)).argmax(1)
+        correct += (pred == y).sum()
         total += len(y)
     if total == 0:
         raise ValueError("empty test set")
-    return correct / total
+    return int(correct) / total
 
 
 FitFn = Callable[[nn.Module, Protocol, str], None]

@@ -137,7 +137,7 @@ def test_a_run_killed_mid_task_resumes_after_its_last_epoch(tmp_path, monkeypatc
     def config(out: Path) -> RunConfig:
         return RunConfig(method=method, benchmark="synthetic", protocol="smoke", out=str(out),
                          progress=False, num_tasks=num_tasks, deterministic=True,
-                         protocol_overrides={"epochs": 3})
+                         protocol_overrides={"epochs": 3}, checkpoint_every="1")
 
     whole = run(config(tmp_path / "whole"))
     kill_after = sum(_steps_per_task(whole)) - 2

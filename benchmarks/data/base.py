@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from benchmarks.data.batches import BatchAugment, DeviceBatches
+
 DATA_ROOT_ENV = "NWS_DATA_ROOT"
 
 
@@ -59,19 +61,39 @@ class Benchmark:
 
 
 class TensorImages(Dataset):
-    """uint8 images (N, C, H, W) and labels held in memory; transforms run on tensors."""
+    """uint8 images (N, C, H, W) and labels held in memory; transforms run on tensors.
+
+    ``transform`` works on one image in [0, 1] (the DataLoader path); ``batch_augment``, when
+    given, is the same transform on whole uint8 batches (the data-on-device path,
+    :mod:`benchmarks.data.batches`). Without it, a batch is only scaled to [0, 1].
+    """
 
     def __init__(
         self,
         images: torch.Tensor,
         labels: torch.Tensor,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batch_augment: BatchAugment | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
         if len(images) != len(labels):
             raise ValueError("images and labels differ in length")
         self.images, self.labels, self.transform = images, labels.long(), transform
+        channels = images.shape[1]
+        self.batch_augment = batch_augment or BatchAugment((0.0,) * channels, (1.0,) * channels)
+        if transform is not None and batch_augment is None:
+            self.batch_augment = None  # a per-image transform without a batch twin
+
+    def on_device(self, device: torch.device) -> DeviceBatches:
+        """This data set as one tensor on ``device`` (built once per device, then reused)."""
+        if self.batch_augment is None:
+            raise ValueError("this data set has no batch transform; use a DataLoader")
+        cached = getattr(self, "_device_batches", None)
+        if cached is None or cached.device != device:
+            cached = DeviceBatches(self.images, self.labels, self.batch_augment, device)
+            self._device_batches = cached
+        return cached
 
     def __len__(self) -> int:
         return len(self.images)

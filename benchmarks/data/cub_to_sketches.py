@@ -24,6 +24,8 @@ from pathlib import Path
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task
+from benchmarks.data.batches import BatchAugment, ResizedCropAugment
+from benchmarks.data.decode_cache import DecodedImages
 from benchmarks.data.files import (
     ImageTree,
     TreeListing,
@@ -89,10 +91,31 @@ def transforms(cropped: bool) -> tuple[T.Compose, T.Compose]:
     return T.Compose(train), T.Compose(test)
 
 
-def build(data_root: Path, verify: str = "header") -> Benchmark:
+def first_step(cropped: bool) -> tuple[T.Compose | T.Resize, int]:
+    """The deterministic start of both transforms, cached once per image, and its size
+    (:mod:`benchmarks.data.decode_cache` says why the uncropped sets keep a centre square)."""
+    if cropped:
+        return T.Resize((224, 224)), 224
+    return T.Compose([T.Resize(256), T.CenterCrop(256)]), 256
+
+
+def batch_transforms(cropped: bool) -> tuple[BatchAugment | ResizedCropAugment, BatchAugment]:
+    """:func:`transforms` on whole batches of cached images (train, test)."""
+    if cropped:
+        return (BatchAugment(IMAGENET_MEAN, IMAGENET_STD, flip=True, cutout=16),
+                BatchAugment(IMAGENET_MEAN, IMAGENET_STD))
+    return (ResizedCropAugment(IMAGENET_MEAN, IMAGENET_STD, size=224, flip=True, cutout=16),
+            BatchAugment(IMAGENET_MEAN, IMAGENET_STD, center=224))
+
+
+def build(data_root: Path, verify: str = "header", cache_dir: str | None = None) -> Benchmark:
     """The five tasks; ``verify`` (``none | header | full``, :mod:`benchmarks.data.files`)
-    says how every image is checked before any training."""
+    says how every image is checked before any training. With data on the device (the
+    default), each split's images are decoded once into ``cache_dir`` on first use (default:
+    ``<data root>/.nws_decoded``, see :mod:`benchmarks.data.decode_cache`;
+    ``--bench-opt cache_dir=DIR``)."""
     root = Path(data_root).expanduser().resolve()
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else None
     listings = list_trees(root)
     problems = check_layout(root, listings)
     if problems:
@@ -113,6 +136,10 @@ def build(data_root: Path, verify: str = "header") -> Benchmark:
         train_tf, test_tf = transforms(cropped)
         train = ImageTree(listings[name, "train"], what[name, "train"], train_tf)
         test = ImageTree(listings[name, "test"], what[name, "test"], test_tf)
+        step, size = first_step(cropped)
+        train_aug, test_aug = batch_transforms(cropped)
+        train = DecodedImages(train, step, size, train_aug, cache, f"{name}-train", root)
+        test = DecodedImages(test, step, size, test_aug, cache, f"{name}-test", root)
         if len(train.classes) != expected:
             log.warning("%s has %d classes, the release has %d: not comparable with the paper",
                         name, len(train.classes), expected)

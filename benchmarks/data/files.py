@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif",
                             ".tiff", ".webp", ".gif"})
 VERIFY_LEVELS = ("none", "header", "full")
-# Benchmark options that only decide how data is checked, never what it is: a run's identity
-# (what must match to resume it) should leave them out.
-CHECK_ONLY_OPTIONS = ("verify",)
+# Benchmark options that only decide how data is checked or where its decoded cache lives,
+# never what it is: a run's identity (what must match to resume it) leaves them out.
+CHECK_ONLY_OPTIONS = ("verify", "cache_dir")
 _JPEG_PADDING = b"\x00\r\n \xff"  # bytes some writers append after the JPEG end marker
 _TAIL_BYTES = 4096
 _CHECK_THREADS = 8  # header checks are I/O bound

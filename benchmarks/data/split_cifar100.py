@@ -24,6 +24,7 @@ import torch
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, TensorImages
+from benchmarks.data.batches import BatchAugment
 from benchmarks.data.files import (
     VERIFY_LEVELS,
     NamedImageLoader,
@@ -223,8 +224,9 @@ def build(data_root: Path, download: bool = True, verify: str = "header") -> Ben
         tasks.append(
             Task(
                 index=t, name=superclass, classes=classes,
-                train=TensorImages(*parts["train"], train_tf),
-                test=TensorImages(*parts["test"], norm),
+                train=TensorImages(*parts["train"], train_tf,
+                                   BatchAugment(mean, std, pad=4, flip=True)),
+                test=TensorImages(*parts["test"], norm, BatchAugment(mean, std)),
             )
         )
     return Benchmark(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchvision import transforms as T
 
 from benchmarks.data.base import Benchmark, Task, TensorImages
+from benchmarks.data.batches import BatchAugment
 
 SPLIT_SEED = 0
 TEST_FRACTION = 1 / 3
@@ -54,8 +55,8 @@ def build(data_root: Path | None = None, size: int = 32) -> Benchmark:
         raise ValueError(f"split_digits size must be a multiple of 8 (>= 8), got {size}")
     x, y = _images(size)
     train_idx, test_idx = _split(y.numpy())
-    mean = x[train_idx].float().div(255).mean(dim=(0, 2, 3)).tolist()
-    std = x[train_idx].float().div(255).std(dim=(0, 2, 3)).tolist()
+    mean = tuple(x[train_idx].float().div(255).mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x[train_idx].float().div(255).std(dim=(0, 2, 3)).tolist())
     norm = T.Normalize(mean, std)
     train_tf = T.Compose([T.RandomCrop(size, padding=size // 16), norm])
     tasks = []
@@ -68,8 +69,9 @@ def build(data_root: Path | None = None, size: int = 32) -> Benchmark:
                 index=k,
                 name=f"digits_{pair[0]}{pair[1]}",
                 classes=[str(d) for d in pair],
-                train=TensorImages(x[tr], y[tr] - pair[0], train_tf),
-                test=TensorImages(x[te], y[te] - pair[0], norm),
+                train=TensorImages(x[tr], y[tr] - pair[0], train_tf,
+                                   BatchAugment(mean, std, pad=size // 16)),
+                test=TensorImages(x[te], y[te] - pair[0], norm, BatchAugment(mean, std)),
             )
         )
     return Benchmark(

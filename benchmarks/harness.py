@@ -28,6 +28,7 @@ import torch
 from benchmarks.archs import Pretrained
 from benchmarks.data import BENCHMARKS, Benchmark
 from benchmarks.device_policy import resolve_device
+from benchmarks.lock import RunLock
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
 from benchmarks.protocols import Protocol, resolve_protocol
@@ -140,6 +141,14 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     identity = run_identity(cfg, protocol, options, pretrained_source)
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
+    with RunLock(results.dir):  # one writer per run folder, for the run's life
+        return _run_locked(cfg, bench, method, method_cls, options, protocol, identity, rid,
+                           results, device, tasks)
+
+
+def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],
+                options: dict[str, Any], protocol: Protocol, identity: dict[str, Any], rid: str,
+                results: ResultsStore, device: torch.device, tasks: tuple[TaskInfo, ...]) -> Path:
     previous = results.read_json("config.json")
     if previous is not None and previous["identity"] != json.loads(json.dumps(identity,
                                                                                 default=str)):

@@ -21,6 +21,8 @@ import argparse
 import contextlib
 import json
 import re
+import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ except ImportError:  # the 'cluster' extra is not installed: everything else wor
     submitit = None
     Checkpointable = object  # type: ignore[assignment,misc]
 
+REPO = Path(__file__).resolve().parent.parent.parent
 CONFIG_KEYS = ("partition", "time", "gpus", "cpus", "mem_gb", "parallelism", "sbatch", "setup")
 
 
@@ -99,14 +102,20 @@ def executor_for(out: str, settings: dict[str, Any], n_jobs: int):
     if submitit is None:
         raise ValueError("--launcher slurm needs submitit: pip install 'nws-bench[cluster]'")
     folder = sweep_dir(out) / "slurm"
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise ValueError("--launcher slurm: no sbatch/srun on PATH; run this on a SLURM login "
+                         "node (--dry-run prints the plan anywhere)")
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings["max_requeue"])
     params: dict[str, Any] = {"job_name": "nws-bench", "time": settings["time"],
                               "array_parallelism": settings.get("parallelism", n_jobs),
                               "additional_parameters": settings["sbatch"]}
     for key, name in (("partition", "partition"), ("gpus", "gpus_per_node"),
-                      ("cpus", "cpus_per_task"), ("setup", "setup")):
+                      ("cpus", "cpus_per_task")):
         if settings.get(key) is not None:
             params[name] = settings[key]
+    # the job unpickles benchmarks.launch.slurm.RunJob: this checkout first on its path
+    params["setup"] = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+                       *settings.get("setup", [])]
     if settings.get("mem_gb") is not None:
         params["mem"] = f"{int(settings['mem_gb'] * 1024)}M"
     ex.update_parameters(**params)

@@ -101,7 +101,7 @@ def test_the_plan_is_methods_by_seeds_and_dry_run_prints_it(tmp_path, capsys):
                                                   ("finetune", 2), ("packnet", 2)]
     argv = jobs[1].argv
     assert argv[:4] == ("--method", "packnet", "--seeds", "1")
-    assert ("--set", "epochs=2") == argv[argv.index("--set"):argv.index("--set") + 2]
+    assert argv[argv.index("--set"):argv.index("--set") + 2] == ("--set", "epochs=2")
     assert str(tmp_path) in argv and "--launcher" not in argv
     code = cli.main([*SYNTH, "--method", "finetune,packnet", "--seeds", "1", "2", "--out",
                      str(tmp_path), "--launcher", "local", "--jobs", "2", "--dry-run"])

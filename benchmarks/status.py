@@ -1,8 +1,8 @@
 """Where a sweep stands, from its run folders alone.
 
     python -m benchmarks.status --results results/runs                      # every run folder
-    python -m benchmarks.status --results results/runs --method all --seeds 1993 1994 1995 \\
-        --benchmark split_cifar100 --protocol paper                       # a planned sweep
+    python -m benchmarks.status --method all --benchmark split_cifar100 --protocol paper \\
+        --out results/runs          # a planned sweep: the same flags as its benchmarks.run
 
 Each run is one of:
 
@@ -146,23 +146,27 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.status", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="results/runs", help="the folder of run folders")
+    p.add_argument("--results", default=None,
+                   help="the folder of run folders (default: --out of the plan flags, else "
+                        "results/runs)")
     args, plan_flags = p.parse_known_args(argv)
-    if not Path(args.results).is_dir():
-        print(f"error: {args.results} is not a folder of run folders", file=sys.stderr)
+    run_parser = cli.parser()
+    run_args = run_parser.parse_args(plan_flags)  # the sweep's own flags (launcher's too)
+    results = args.results or run_args.out
+    if not Path(results).is_dir():
+        print(f"error: {results} is not a folder of run folders", file=sys.stderr)
         return 2
     if plan_flags:
         from benchmarks.launch import plan_jobs
 
-        run_parser = cli.parser()
-        run_args = run_parser.parse_args([*plan_flags, "--out", args.results])
+        run_args.out = results
         try:
-            statuses = [job_status(args.results, j) for j in plan_jobs(run_parser, run_args)]
+            statuses = [job_status(results, j) for j in plan_jobs(run_parser, run_args)]
         except cli.CLI_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     else:
-        statuses = folder_statuses(args.results)
+        statuses = folder_statuses(results)
     print(report(statuses))
     return 0 if statuses and all(s.state == "done" for s in statuses) else 1
 

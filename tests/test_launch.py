@@ -280,3 +280,25 @@ print("held", flush=True); time.sleep(600)
         holder.wait()
         for fh in held:
             fh.close()
+
+
+def test_prefetch_says_what_is_missing_and_exits_2(tmp_path, monkeypatch, capsys):
+    from benchmarks.prefetch import main as prefetch
+    from nws import cpu_kernels
+
+    monkeypatch.setenv(cpu_kernels.ENV, "0")  # building is tested elsewhere; 30 s here
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    assert prefetch(["--method", "all", "--benchmark", "split_digits"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ok       data split_digits: 5 tasks")
+    assert lines[1].startswith("ok       weights resnet18: none needed")
+    assert lines[2].startswith("warning  NWS CPU kernels: disabled")
+
+    code = prefetch(["--benchmark", "split_cifar100", "--protocol", "paper", "--data-root",
+                     str(tmp_path), "--bench-opt", "download=false",
+                     "--weights", str(tmp_path / "resnet18.pt"), "--launcher", "slurm"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "missing  data split_cifar100: " in captured.out and str(tmp_path) in captured.out
+    assert "missing  weights resnet18" in captured.out and "resnet18.pt" in captured.out
+    assert "error: missing: data split_cifar100, weights resnet18" in captured.err

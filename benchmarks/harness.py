@@ -120,7 +120,8 @@ def run_id(cfg: RunConfig, identity: dict[str, Any]) -> str:
 
 
 def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
-    """Run (or resume) one method with one seed; returns the run folder."""
+    """Run (or resume) one method with one seed; returns the run folder. The folder's lock is
+    held throughout (:class:`~benchmarks.lock.RunLockedError` if another process holds it)."""
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     bench = bench if bench is not None else build_benchmark(cfg)

@@ -238,8 +238,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
             bar.update(1)
         trainer.sched.step()
         if not progress:  # no bar (e.g. output to a log): one line per epoch instead
-            log.info("%s: epoch %d/%d, loss %.4f", desc or phase, epoch + 1, protocol.epochs,
-                     float("nan") if running is None else float(running))
+            log.info("task %d [%s] epoch %d/%d: loss %.4f", task + 1, phase, epoch + 1,
+                     protocol.epochs, float("nan") if running is None else float(running))
         if checkpoint is not None:
             now = time.perf_counter()
             stats.seconds, start = stats.seconds + now - start, now

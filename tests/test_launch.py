@@ -110,6 +110,27 @@ def test_the_plan_is_methods_by_seeds_and_dry_run_prints_it(tmp_path, capsys):
     assert not list(tmp_path.glob("*/config.json"))  # nothing ran
 
 
+def test_threads_progress_and_gpu_slots(monkeypatch):
+    import torch
+
+    from benchmarks.launch.local import slots_for
+
+    args = cli.parser().parse_args([*SYNTH, "--threads", "1"])
+    assert all(not cfg.progress for cfg in cli.run_configs(args))  # stderr is not a terminal
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        cli.apply_process_settings(args)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+    p = cli.parser()
+    assert slots_for(p.parse_args(["--per-gpu", "2", "--gpus", "0,3"])) == ["0", "0", "3", "3"]
+    assert slots_for(p.parse_args(["--jobs", "3"])) == [None, None, None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert slots_for(p.parse_args(["--per-gpu", "2"])) == ["5", "5"]
+
+
 @pytest.mark.slow
 def test_local_launcher_gives_the_inline_results(tmp_path):
     """2 methods x 2 seeds of split_digits as 4 real processes, 2 at a time."""
@@ -127,6 +148,7 @@ def test_local_launcher_gives_the_inline_results(tmp_path):
     pd.testing.assert_frame_equal(_results(tmp_path / "inline"), _results(tmp_path / "local"))
     logs = list((tmp_path / "local" / ".sweep" / "logs").glob("*.log"))
     assert len(logs) == 4 and all("task 1/1" in log.read_text() for log in logs)
+    assert all("task 1 [train] epoch 1/1: loss" in log.read_text() for log in logs)  # no bars
 
 
 def test_a_killed_job_resumes_to_the_uninterrupted_results_also_via_a_slurm_requeue(
@@ -302,3 +324,21 @@ def test_prefetch_says_what_is_missing_and_exits_2(tmp_path, monkeypatch, capsys
     assert "missing  data split_cifar100: " in captured.out and str(tmp_path) in captured.out
     assert "missing  weights resnet18" in captured.out and "resnet18.pt" in captured.out
     assert "error: missing: data split_cifar100, weights resnet18" in captured.err
+
+
+def test_a_requeue_exit_is_not_recorded_as_a_failure(tmp_path, monkeypatch):
+    """submitit requeues on SLURM's timeout signal by exiting (SystemExit) mid-run: the run is
+    left partial, to be resumed, not failed."""
+    from benchmarks import training
+
+    (job,) = _jobs([*SYNTH, "--seeds", "9", "--tasks", "1", "--out", str(tmp_path)])
+
+    def timed_out(self, x, y):
+        raise SystemExit(-1)
+
+    monkeypatch.setattr(training.Trainer, "step", timed_out)
+    with pytest.raises(SystemExit):
+        run_job(job, tmp_path)
+    assert read_record(tmp_path, job.key) is None
+    status = job_status(tmp_path, job)
+    assert (status.state, status.learned, status.planned) == ("partial", 0, 1)

@@ -56,7 +56,7 @@ def write_record(out: str | Path, job: Job, state: str, *, error: str | None = N
 def run_job(job: Job, out: str | Path, log: str | None = None,
             launcher: dict[str, Any] | None = None) -> int:
     """Run ``job`` in this process and record how it ended; returns the exit code (0 done,
-    2 bad input or a failed run). Any other exception is recorded and raised again."""
+    2 bad input or a failed run). Any other error is recorded and raised again."""
     from benchmarks import run as cli
 
     started = time.time()
@@ -72,7 +72,9 @@ def run_job(job: Job, out: str | Path, log: str | None = None,
         write_record(out, job, "failed", error=f"{type(err).__name__}: {err}", log=log,
                      launcher=launcher, started=started)
         return 2
-    except BaseException as err:  # recorded, then the traceback goes to the log as usual
+    except Exception as err:  # recorded, then the traceback goes to the log as usual
+        # (not SystemExit/KeyboardInterrupt: submitit's requeue on timeout exits through
+        # SystemExit, Ctrl-C is a stop; both leave the run partial, to be resumed)
         last = traceback.format_exception_only(type(err), err)[-1].strip()
         write_record(out, job, "failed", error=last or type(err).__name__, log=log,
                      launcher=launcher, started=started)

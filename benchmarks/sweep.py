@@ -75,7 +75,8 @@ def run_argv(p: argparse.ArgumentParser, args: argparse.Namespace, group: str,
     out = ["--method", cfg.method, "--seeds", str(cfg.seed)]
     for action in actions:
         value = getattr(args, action.dest)
-        if action.dest in ("method", "seeds", "no_progress") or value == action.default:
+        if action.dest in ("method", "seeds", "no_progress") or (
+                value == action.default and action.dest != "out"):  # out: always, absolute
             continue
         if action.dest in ("out", "data_root", "kernels_dir") or (
                 action.dest in ("weights", "pretrained") and Path(value).is_file()):

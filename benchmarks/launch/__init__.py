@@ -78,5 +78,9 @@ def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")
         print(job_table(jobs))
+        if args.launcher == "slurm":
+            from benchmarks.launch.slurm import settings_from
+
+            print(f"slurm settings: {settings_from(args)}")
         return 0
     return LAUNCHERS.get(args.launcher)(jobs, args)

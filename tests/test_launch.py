@@ -153,6 +153,7 @@ def test_local_launcher_gives_the_inline_results(tmp_path):
     assert all("task 1 [train] epoch 1/1: loss" in log.read_text() for log in logs)  # no bars
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_to_the_uninterrupted_results_also_via_a_slurm_requeue(
         tmp_path):
     """The job process local starts, SIGKILLed after its first task, then requeued as SLURM

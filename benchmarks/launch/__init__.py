@@ -41,7 +41,9 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON file with any of: partition, time, gpus, cpus, mem_gb, "
                         "parallelism, sbatch (dict), setup (list of shell lines)")
     s.add_argument("--partition", default=None)
-    s.add_argument("--time", default=None, help="per run: minutes or [D-]HH:MM[:SS]")
+    s.add_argument("--time", default=None,
+                   help="per run: minutes or [D-]HH:MM[:SS] (default 60; a run past it is "
+                        "requeued and resumes)")
     s.add_argument("--gpus-per-job", dest="slurm_gpus", type=int, default=None)
     s.add_argument("--cpus-per-job", dest="slurm_cpus", type=int, default=None)
     s.add_argument("--mem-gb", type=float, default=None)

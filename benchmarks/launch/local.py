@@ -114,6 +114,14 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
             r.proc.wait()
         print("stopped; launch again to resume every run from its folder", file=sys.stderr)
         return 1
+    from benchmarks.run import summarise
+    from benchmarks.sweep import find_run_dir
+
+    run_dirs = [d for d in (find_run_dir(args.out, j) for j in jobs)
+                if d is not None and (d / "rows.csv").exists()]
+    if run_dirs:
+        print()
+        print(summarise(run_dirs))
     return 1 if failed else 0
 
 

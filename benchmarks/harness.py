@@ -30,6 +30,7 @@ from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensor
 from benchmarks.data import BENCHMARKS, Benchmark
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.device_policy import DevicePolicy, resolve_device
+from benchmarks.lock import RunLock
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
 from benchmarks.protocols import Protocol, resolve_protocol
@@ -163,7 +164,8 @@ def run_id(cfg: RunConfig, identity: dict[str, Any]) -> str:
 
 
 def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
-    """Run (or resume) one method with one seed; returns the run folder."""
+    """Run (or resume) one method with one seed; returns the run folder. The folder's lock is
+    held throughout (:class:`~benchmarks.lock.RunLockedError` if another process holds it)."""
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     bench = bench if bench is not None else build_benchmark(cfg)
@@ -187,6 +189,17 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     identity = run_identity(cfg, protocol, options, pretrained_source, device)
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
+    with RunLock(results.dir):  # one writer per run folder, for the run's life
+        return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
+                           policy, every, tasks)
+
+
+def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],
+                protocol: Protocol, identity: dict[str, Any], rid: str, results: ResultsStore,
+                policy: DevicePolicy, every: CheckpointPolicy, tasks: tuple[TaskInfo, ...]
+                ) -> Path:
+    """The body of :func:`run`, under the run folder's lock."""
+    device = policy.device
     previous = results.read_json("config.json")
     if previous is not None:
         check_resumable(results.dir, previous["identity"], identity)

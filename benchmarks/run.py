@@ -4,6 +4,10 @@
     python -m benchmarks.run --method nws,finetune --benchmark split_cifar100 \\
         --protocol paper --seeds 1993 1994 1995 --data-root ~/data
     python -m benchmarks.run --list
+    python -m benchmarks.run --method all --seeds 1993 1994 --launcher local --jobs 2 --dry-run
+
+``--launcher local|slurm`` runs the plan (methods x seeds) one run per job
+(:mod:`benchmarks.launch`); ``inline`` (the default) runs it here, one run after the other.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 from benchmarks.archs import ARCHS, WeightsUnavailableError
 from benchmarks.data import BENCHMARKS, DataUnavailableError
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
+from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
@@ -25,6 +31,10 @@ from benchmarks.results import load_rows
 from benchmarks.training import DEFAULT_CHECKPOINT_EVERY, TrainingDivergedError
 
 DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
+# What stops a run with a message (exit 2) rather than a traceback.
+CLI_ERRORS = (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
+              RunLockedError, TrainingDivergedError, ValueError)
+RUN_FLAGS = "run"  # title of the parser group whose flags each job of a sweep gets
 
 
 def _value(text: str) -> Any:
@@ -48,37 +58,49 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="show every registry and exit")
-    p.add_argument("--method", default="all", help="comma-separated method names, or 'all'")
-    p.add_argument("--benchmark", default="split_digits")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--protocol", default="quick")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
+    r = p.add_argument_group(RUN_FLAGS, "what to run (every job of a sweep gets these)")
+    r.add_argument("--method", default="all", help="comma-separated method names, or 'all'")
+    r.add_argument("--benchmark", default="split_digits")
+    r.add_argument("--arch", default="resnet18")
+    r.add_argument("--protocol", default="quick")
+    r.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="default: 1993 1994 1995 for paper protocols, else 1993")
-    p.add_argument("--tasks", type=int, default=None, help="learn only the first N tasks")
-    p.add_argument("--data-root", default=None,
+    r.add_argument("--tasks", type=int, default=None, help="learn only the first N tasks")
+    r.add_argument("--data-root", default=None,
                    help="data folder (default $NWS_DATA_ROOT or ~/.cache/nws_bench/data)")
-    p.add_argument("--out", default="results/runs", help="folder of run folders")
-    p.add_argument("--pretrained", default=None,
+    r.add_argument("--out", default="results/runs", help="folder of run folders")
+    r.add_argument("--pretrained", default=None,
                    help="imagenet | none | PATH (default: the benchmark's; imagenet for paper "
                         "benchmarks, none for split_digits and synthetic)")
-    p.add_argument("--weights", default=None, help="state-dict file (same as --pretrained PATH)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--deterministic", action="store_true",
+    r.add_argument("--weights", default=None, help="state-dict file (same as --pretrained PATH)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels: bit-exact reruns and resumes on CPU")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--opt", action="append", metavar="KEY=VALUE",
+    r.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    r.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --opt beta=0.3 (see --list)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="protocol override, e.g. --set epochs=10 --set lr=0.05")
-    p.add_argument("--bench-opt", action="append", metavar="KEY=VALUE",
+    r.add_argument("--bench-opt", action="append", metavar="KEY=VALUE",
                    help="benchmark option, e.g. --bench-opt download=false")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--checkpoint-every", default=DEFAULT_CHECKPOINT_EVERY, metavar="N|Nm",
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (also off when the output is not a terminal: one log "
+                        "line per epoch instead)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch and OpenMP threads of this run (default: torch's choice; the "
+                        "local launcher divides the cores among its jobs)")
+    r.add_argument("--kernels-dir", default=None,
+                   help="build/cache folder of the NWS CPU kernels (default $NWS_KERNELS_DIR, "
+                        "else $TORCH_EXTENSIONS_DIR, else torch's cache)")
+    r.add_argument("--checkpoint-every", default=DEFAULT_CHECKPOINT_EVERY, metavar="N|Nm",
                    help="phase checkpoint every N epochs (e.g. 5) or minutes (e.g. 10m, also "
                         "90s, 2h); the last epoch of a phase always (default: %(default)s)")
-    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+    r.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="phase checkpoints under DIR/<run id>/ (e.g. node-local scratch; "
                         "default: the run folder's checkpoints/)")
+    from benchmarks.launch import add_launcher_arguments
+
+    add_launcher_arguments(p)
     return p
 
 
@@ -119,43 +141,75 @@ def summarise(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """The plan: one :class:`RunConfig` per (seed, method), names checked against the
+    registries (raises :class:`UnknownNameError`)."""
+    for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
+                           (PROTOCOLS, args.protocol)):
+        registry.get(name)
+    methods = METHODS.names() if args.method == "all" else args.method.split(",")
+    for name in methods:
+        METHODS.get(name)
+    seeds = args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])
+    base = dict(
+        benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
+        data_root=args.data_root, out=args.out,
+        pretrained=args.weights or args.pretrained, num_tasks=args.tasks,
+        device=args.device, deterministic=args.deterministic, num_workers=args.workers,
+        protocol_overrides=_pairs(args.set, "--set"),
+        benchmark_options=_pairs(args.bench_opt, "--bench-opt"),
+        # bars only on a terminal (tqdm writes to stderr); in logs one line per epoch
+        progress=not args.no_progress and sys.stderr.isatty(),
+        checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
+    )
+    options = _pairs(args.opt, "--opt")
+    return [RunConfig(method=name, seed=seed, method_options={
+                k: v for k, v in options.items() if k in METHODS.get(name).settings(
+                    args.benchmark)}, **base)
+            for seed in seeds for name in methods]
+
+
+def apply_process_settings(args: argparse.Namespace) -> None:
+    """``--threads`` and ``--kernels-dir`` for this process and its children."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # data-loader workers, kernels
+            os.environ[var] = str(args.threads)
+    if args.kernels_dir:
+        from nws.cpu_kernels import DIR_ENV
+
+        os.environ[DIR_ENV] = str(Path(args.kernels_dir).expanduser().resolve())
+
+
+def execute(args: argparse.Namespace) -> list[Path]:
+    """Run every planned run here, one after the other; returns the run folders. Raises one
+    of :data:`CLI_ERRORS` on bad input."""
+    apply_process_settings(args)
+    configs = run_configs(args)
+    bench = build_benchmark(configs[0])
+    if bench.synthetic:
+        print("NOTE: synthetic data (asked for by name); every result row says so.")
+    return [run(cfg, bench) for cfg in configs]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.list:
         print(list_registries())
         return 0
     try:
-        for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
-                               (PROTOCOLS, args.protocol)):
-            registry.get(name)
-        methods = METHODS.names() if args.method == "all" else args.method.split(",")
-        for name in methods:
-            METHODS.get(name)
-        seeds = args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])
-        base = dict(
-            benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
-            data_root=args.data_root, out=args.out,
-            pretrained=args.weights or args.pretrained, num_tasks=args.tasks,
-            device=args.device, deterministic=args.deterministic, num_workers=args.workers,
-            protocol_overrides=_pairs(args.set, "--set"),
-            benchmark_options=_pairs(args.bench_opt, "--bench-opt"),
-            progress=not args.no_progress,
-            checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
-        )
-        options = _pairs(args.opt, "--opt")
-        bench = build_benchmark(RunConfig(method=methods[0], **base))
-        if bench.synthetic:
-            print("NOTE: synthetic data (asked for by name); every result row says so.")
-        run_dirs = []
-        for seed in seeds:
-            for name in methods:
-                own = {k: v for k, v in options.items()
-                       if k in METHODS.get(name).settings(args.benchmark)}
-                cfg = RunConfig(method=name, seed=seed, method_options=own, **base)
-                run_dirs.append(run(cfg, bench))
-    except (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
-            TrainingDivergedError, ValueError) as err:
+        if args.launcher != "inline" or args.dry_run:
+            from benchmarks.launch import launch
+
+            return launch(p, args)
+        run_dirs = execute(args)
+    except CLI_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print()

@@ -356,6 +356,9 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                                 lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
             bar.update(1)
         trainer.sched.step()
+        if not progress:  # no bar (e.g. output to a log): one line per epoch instead
+            log.info("task %d [%s] epoch %d/%d: loss %.4f", task + 1, phase, epoch + 1,
+                     protocol.epochs, float("nan") if running is None else float(running))
         now = time.perf_counter()
         last = epoch + 1 == protocol.epochs
         if checkpoint is not None and (last or every.due(epoch + 1 - saved_epoch,

@@ -21,17 +21,33 @@ reports them (a separately named build otherwise). If the build fails, or with
 ``NWS_CPU_KERNELS=0``, the eager code runs instead (warned once): both are exact, they differ
 only in rounding inside the allowances, i.e. a row on the edge of its certificate may be
 searched by one and not the other.
+
+The build never hangs. Jobs sharing one cache (a cluster's home directory) build one at a
+time under an ``fcntl.flock`` on ``<build dir>/nws.build.lock``, waited for at most
+``$NWS_KERNELS_WAIT`` seconds (default 600). Older torch releases guard the build with a
+``lock`` file (``FileBaton``) whose mere existence blocks, forever once a build was killed; on
+those a ``lock`` file still present after the same bounded wait is reported as stale (delete
+it). Past the wait the eager code runs, with a warning naming the file. The cache folder:
+``$NWS_KERNELS_DIR`` (per job, e.g. on node-local disk; also ``benchmarks.run --kernels-dir``),
+else ``$TORCH_EXTENSIONS_DIR``, else torch's default. ``flock`` across machines needs a file
+system that supports it (see :mod:`benchmarks.lock`); a per-job folder avoids the question.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 ENV = "NWS_CPU_KERNELS"
+DIR_ENV = "NWS_KERNELS_DIR"
+WAIT_ENV = "NWS_KERNELS_WAIT"
+DEFAULT_WAIT_S = 600.0
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -337,20 +353,83 @@ def compiled() -> ModuleType | None:
 _ISA_FLAGS = {"AVX2": ("avx2", ["-mavx2", "-mfma"]), "AVX512": ("avx2", ["-mavx2", "-mfma"])}
 
 
+class BuildWaitTimeout(RuntimeError):
+    """Another build held the cache past the bounded wait, or torch's lock file is stale."""
+
+
+def build_directory(name: str) -> Path:
+    """Where extension ``name`` is built and cached (see the module docs)."""
+    if os.environ.get(DIR_ENV):
+        return Path(os.environ[DIR_ENV]).expanduser() / name
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(name, verbose=False))
+    except (ImportError, TypeError):  # a torch without it: its documented default
+        root = os.environ.get("TORCH_EXTENSIONS_DIR",
+                              Path.home() / ".cache" / "torch_extensions")
+        return Path(root) / name
+
+
+def _torch_lock_file_blocks() -> bool:
+    """Whether this torch waits while its build folder's ``lock`` file merely exists (its old
+    ``FileBaton``), rather than holding an OS lock the kernel releases when a build dies."""
+    from torch.utils import cpp_extension
+
+    return not hasattr(cpp_extension, "FileLock")
+
+
+def _wait_for_build(folder: Path, wait_s: float) -> int:
+    """Hold the nws build lock of ``folder`` (returns its fd) within ``wait_s`` seconds, and
+    make sure torch's own lock will not block; raises :class:`BuildWaitTimeout`."""
+    deadline = time.monotonic() + wait_s
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / "nws.build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise BuildWaitTimeout(
+                    f"another process has been building in {folder} for over {wait_s:.0f} s "
+                    f"({WAIT_ENV} sets the wait; {DIR_ENV} gives a job its own folder)"
+                ) from None
+            time.sleep(0.1)
+    stale = folder / "lock"
+    while _torch_lock_file_blocks() and stale.exists():
+        if time.monotonic() >= deadline:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise BuildWaitTimeout(
+                f"torch's build lock {stale} has existed for over {wait_s:.0f} s: left by a "
+                f"killed build (this torch waits forever on it); delete it if no build runs")
+        time.sleep(0.1)
+    return fd
+
+
 def _build() -> ModuleType | None:
     if os.environ.get(ENV, "1") == "0":
         return None
+    fd = None
     try:
         from torch.utils.cpp_extension import load_inline
 
         isa, flags = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ("base", []))
-        return load_inline(f"nws_cpu_kernels_{isa}", cpp_sources=[_SOURCE],
+        name = f"nws_cpu_kernels_{isa}"
+        folder = build_directory(name)
+        fd = _wait_for_build(folder, float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S)))
+        return load_inline(name, cpp_sources=[_SOURCE],
                            functions=["recertify", "scalar_lookup", "nearest_entry",
                                       "cell_search"],
                            extra_cflags=["-O3", "-fopenmp", *flags],
-                           extra_ldflags=["-fopenmp"])
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder))
     except Exception as err:  # no compiler, no ninja, no OpenMP: the eager code still works
         warnings.warn(f"NWS: compiled CPU kernels unavailable ({type(err).__name__}: "
-                      f"{str(err)[:200]}); the eager search runs instead (same results, "
+                      f"{str(err)[:300]}); the eager search runs instead (same results, "
                       f"slower). Set {ENV}=0 to skip the build.", stacklevel=2)
         return None
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the build lock

@@ -1,0 +1,88 @@
+"""Launchers: place the jobs of a sweep plan (:mod:`benchmarks.sweep`), one run per job.
+
+- ``inline`` (default): every run in this process, one after the other (``benchmarks.run``).
+- ``local``: N processes on this machine (:mod:`benchmarks.launch.local`).
+- ``slurm``: one SLURM array task per run through submitit (:mod:`benchmarks.launch.slurm`).
+
+A launcher knows jobs (command lines), never methods; each job is the same
+``benchmarks.run`` call an inline run makes, so the harness never knows how it was started.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks.registry import Registry
+from benchmarks.sweep import Job, job_table, plan, run_argv
+
+LAUNCHERS: Registry = Registry("launcher")
+LAUNCHERS.register("local", "benchmarks.launch.local:launch_local",
+                   "N concurrent processes on this machine (--jobs N, or --per-gpu K)")
+LAUNCHERS.register("slurm", "benchmarks.launch.slurm:launch_slurm",
+                   "a SLURM job array through submitit, requeued on timeout or preemption")
+
+
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("launcher", "how the runs are placed (never passed to a run)")
+    g.add_argument("--launcher", default="inline", choices=["inline", *LAUNCHERS.names()],
+                   help="inline: here, one run after the other (default); local: N processes; "
+                        "slurm: a job array")
+    g.add_argument("--dry-run", action="store_true", help="print the job table and exit")
+    g.add_argument("--jobs", type=int, default=None,
+                   help="local: concurrent runs (default 1, or the GPU slots of --per-gpu)")
+    g.add_argument("--per-gpu", type=int, default=None,
+                   help="local: runs packed onto each GPU (pinned with CUDA_VISIBLE_DEVICES)")
+    g.add_argument("--gpus", default=None,
+                   help="local: GPU ids to use with --per-gpu (default: $CUDA_VISIBLE_DEVICES "
+                        "or every visible GPU)")
+    s = p.add_argument_group("slurm", "the SLURM array (flags override --slurm-config)")
+    s.add_argument("--slurm-config", default=None,
+                   help="JSON file with any of: partition, time, gpus, cpus, mem_gb, "
+                        "parallelism, sbatch (dict), setup (list of shell lines)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None,
+                   help="per run: minutes or [D-]HH:MM[:SS] (default 60; a run past it is "
+                        "requeued and resumes)")
+    s.add_argument("--gpus-per-job", dest="slurm_gpus", type=int, default=None)
+    s.add_argument("--cpus-per-job", dest="slurm_cpus", type=int, default=None)
+    s.add_argument("--mem-gb", type=float, default=None)
+    s.add_argument("--parallelism", type=int, default=None,
+                   help="array tasks running at once (%%N)")
+    s.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --sbatch account=abc --sbatch qos=high")
+    s.add_argument("--max-requeue", type=int, default=3,
+                   help="requeues on timeout before a run is left partial")
+
+
+def normalise_paths(args: argparse.Namespace) -> None:
+    """Absolute paths: a job may start in another folder (or on another machine)."""
+    for name in ("out", "data_root", "kernels_dir"):
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
+    for name in ("weights", "pretrained"):
+        value = getattr(args, name)
+        if value and Path(value).expanduser().is_file():
+            setattr(args, name, str(Path(value).expanduser().resolve()))
+
+
+def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]:
+    """The sweep of a ``benchmarks.run`` command line, one job per (seed, method)."""
+    from benchmarks.run import RUN_FLAGS, run_configs
+
+    normalise_paths(args)
+    return plan(run_configs(args), lambda cfg: run_argv(p, args, RUN_FLAGS, cfg))
+
+
+def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Plan, then print (``--dry-run``) or place the jobs with ``--launcher``."""
+    jobs = plan_jobs(p, args)
+    if args.dry_run:
+        print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")
+        print(job_table(jobs))
+        if args.launcher == "slurm":
+            from benchmarks.launch.slurm import settings_from
+
+            print(f"slurm settings: {settings_from(args)}")
+        return 0
+    return LAUNCHERS.get(args.launcher)(jobs, args)

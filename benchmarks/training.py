@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
 from benchmarks.device_policy import DevicePolicy
+from benchmarks.loss_monitor import LossMonitor, LossReading
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
 from benchmarks.seeding import derive_seed, generator, seed_global
@@ -339,6 +340,15 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                mininterval=0.5)
     start = saved_at = time.perf_counter()
     saved_epoch = first
+    monitor = LossMonitor(device)  # loss read back without waiting for the device
+
+    def report(reading: LossReading | None, epoch: int) -> None:
+        if reading is None:
+            return
+        trainer.check_finite(reading.loss, reading.step)
+        bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}", loss=f"{reading.running:.3f}",
+                        lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
+
     for epoch in range(first, protocol.epochs):
         batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
                                  num_workers)
@@ -348,13 +358,9 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
             loss = trainer.step(x, y)
             running = loss if running is None else 0.9 * running + 0.1 * loss
             stats.steps += 1
-            if i % 10 == 0 or i == per_epoch - 1:
-                value = float(loss)
-                trainer.check_finite(value, stats.steps)
-                bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}",
-                                loss=f"{float(running):.3f}",
-                                lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
+            report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1), epoch)
             bar.update(1)
+        report(monitor.settle(), epoch)  # the one wait of an epoch
         trainer.sched.step()
         if not progress:  # no bar (e.g. output to a log): one line per epoch instead
             log.info("task %d [%s] epoch %d/%d: loss %.4f", task + 1, phase, epoch + 1,

@@ -11,7 +11,11 @@ Defaults (decided here, measured where said):
 - ``data_on_device``: in-memory benchmarks keep each task as one uint8 tensor on the training
   device and augment whole batches there. On by default everywhere (also CPU: batched
   augmentation beats per-image transforms there too).
-- ``compile``: ``torch.compile`` of the training step; off unless asked for (``--compile``).
+- ``compile``: ``torch.compile`` of the model in the training step; off unless asked for
+  (``--compile``; not yet measured on a GPU). Mode: ``"reduce-overhead"`` (CUDA-graph
+  capture of the forward and backward) on CUDA, the default (inductor kernels, no graphs)
+  elsewhere: :func:`compile_mode`. The harness passes ``policy.compile`` to
+  ``benchmarks.training.Trainer(..., compile=...)``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,13 @@ def default_search(device: torch.device) -> SearchPath:
     return "certificates" if device.type == "cpu" else "full"
 
 
+def compile_mode(device: torch.device) -> str:
+    """``torch.compile`` mode for a training step on ``device``: CUDA graphs where the
+    device has them (a captured step launches as one graph, the host is out of the loop),
+    inductor's default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     """How one run uses ``device``; built once by the harness and passed down."""
@@ -64,6 +75,11 @@ class DevicePolicy:
             raise ValueError(f"search {chosen!r}; valid: {', '.join(SEARCH_PATHS)}")
         return cls(device, chosen,  # type: ignore[arg-type]
                    True if data_on_device is None else data_on_device, compile)
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The ``torch.compile`` mode of the training step, or None when not compiling."""
+        return compile_mode(self.device) if self.compile else None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready, for ``env.json``."""

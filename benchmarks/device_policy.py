@@ -55,6 +55,11 @@ def compile_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"
 
 
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``torch.compile`` for a training step on ``device``."""
+    return {"mode": compile_mode(device)}
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     """How one run uses ``device``; built once by the harness and passed down."""

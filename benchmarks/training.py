@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from benchmarks.device_policy import compile_mode
+from benchmarks.device_policy import compile_mode, compile_options
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
 from benchmarks.seeding import derive_seed, generator, seed_global
@@ -93,7 +93,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.compile_mode = compile_mode(device) if compile else None
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(model, mode=self.compile_mode) if compile else model)
+            torch.compile(model, **compile_options(device)) if compile else model)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimiser step on the batch ``(x, y)``; returns the loss (a device tensor)."""

@@ -108,14 +108,18 @@ def cuda_code_path(search: str) -> Iterator[None]:
 
 def build_method(name: str, arch: str = "resnet18", device: torch.device | None = None,
                  protocol: str = "paper", num_tasks: int = 2,
-                 options: dict[str, Any] | None = None) -> Method:
+                 options: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None) -> Method:
     """``name`` from the method registry, for ``num_tasks`` tasks of ``CLASSES`` classes,
-    under ``protocol`` of Split-CIFAR-100, from a random init (no weights needed).
-    ``options``: method options over the defaults (NWS: ``NWS_OPTIONS`` under them)."""
+    under ``protocol`` of Split-CIFAR-100 (``overrides``: protocol fields, e.g. ``amp``),
+    from a random init (no weights needed). ``options``: method options over the defaults
+    (NWS: ``NWS_OPTIONS`` under them)."""
     device = device or torch.device("cpu")
     cls = METHODS.get(name)
     tasks = tuple(TaskInfo(t, f"t{t}", CLASSES) for t in range(num_tasks))
     proto = resolve_protocol(protocol, BENCHMARK)
+    if overrides:
+        proto = proto.with_overrides(**overrides)
     options = (NWS_OPTIONS if name == "nws" else {}) | (options or {})
     options = cls.resolve_options(BENCHMARK, options)
     ctx = MethodContext(arch, BENCHMARK, tasks, proto, device, 0, Pretrained(arch, "none"),

@@ -93,26 +93,29 @@ class _WeightQuant(torch.autograd.Function):
         w = torch.cat([x.reshape(-1) for x in weights])
         raw = torch.cat(alphas)
         a = raw.clamp_min(EPS).index_select(0, channel)
-        t = w / a
+        # In place where a buffer is free again: a step touches every weight, and on CPU a
+        # fresh buffer of all weights costs more (page faults) than the arithmetic.
+        t = w.div_(a)
         v = t.clamp(-1, 1)
-        level = ((v + 1) * (q / 2)).round() * (2 / q) - 1
-        ctx.save_for_backward(t, v, level, raw, lengths, g_c)
+        inside = v == t
+        level = t.copy_(v).add_(1).mul_(q / 2).round_().mul_(2 / q).sub_(1)
+        out = a.mul_(level)
+        e = level.addcmul_(v, inside, value=-1)  # d out / d alpha per weight
+        ctx.save_for_backward(e, inside, raw, lengths, g_c)
         ctx.shapes = [x.shape for x in weights]
         ctx.sizes = [x.numel() for x in weights]
         ctx.channels = [x.numel() for x in alphas]
         return tuple(p.view(shape) for p, shape in
-                     zip((level * a).split(ctx.sizes), ctx.shapes, strict=True))
+                     zip(out.split(ctx.sizes), ctx.shapes, strict=True))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        t, v, level, raw, lengths, g_c = ctx.saved_tensors
-        g = torch.cat([(gi if gi is not None else t.new_zeros(shape)).reshape(-1)
+        e, inside, raw, lengths, g_c = ctx.saved_tensors
+        g = torch.cat([(gi if gi is not None else e.new_zeros(shape)).reshape(-1)
                        for gi, shape in zip(grads, ctx.shapes, strict=True)])
-        inside = v == t
-        e = torch.addcmul(level, v, inside, value=-1)
         da = torch.segment_reduce(g * e, "sum", lengths=lengths, unsafe=True)
         da = da * g_c * (raw >= EPS)
-        dw = (g * inside).split(ctx.sizes)
+        dw = g.mul_(inside).split(ctx.sizes)
         return (None, None, None, None, None,
                 *(d.view(shape) for d, shape in zip(dw, ctx.shapes, strict=True)),
                 *da.split(ctx.channels))

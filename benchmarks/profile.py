@@ -91,14 +91,21 @@ def compute_ops(counts: dict[str, int]) -> int:
 @contextlib.contextmanager
 def cuda_code_path(search: str) -> Iterator[None]:
     """Environment of the CUDA code path on any device: NWS's search forced to ``search``,
-    NWS's compiled CPU kernels off. Restores the previous environment."""
+    NWS's compiled CPU kernels off (also when this process built them already). Restores
+    the previous environment."""
     if search not in SEARCH_PATHS:
         raise ValueError(f"search {search!r}; valid: {', '.join(SEARCH_PATHS)}")
+    from nws import cpu_kernels
+
     saved = {k: os.environ.get(k) for k in (SEARCH_ENV, "NWS_CPU_KERNELS")}
+    loaded = dict(cpu_kernels._loaded)  # kernels built earlier in this process stay unused
     os.environ[SEARCH_ENV], os.environ["NWS_CPU_KERNELS"] = search, "0"
+    cpu_kernels._loaded["module"] = None
     try:
         yield
     finally:
+        cpu_kernels._loaded.clear()
+        cpu_kernels._loaded.update(loaded)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -59,6 +59,7 @@ class KernelMaskedConv(nn.Module):
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self.threshold, self.slope, self.soft_weight = threshold, beta / temperature, soft_weight
+        self.pending: torch.Tensor | None = None  # (out, in, 1, 1), set by MultiplierBank
 
     def multiplier(self) -> torch.Tensor:
         """s = b + 0.5 a per kernel: exactly 1 (hard) or in [0, 0.5] (soft)."""
@@ -73,8 +74,68 @@ class KernelMaskedConv(nn.Module):
         return b + self.soft_weight * a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight * self.multiplier()[:, :, None, None].to(self.weight.dtype)
+        s, self.pending = self.pending, None  # (out, in, 1, 1) from the bank, or own
+        s = self.multiplier()[:, :, None, None] if s is None else s
+        w = self.weight * s.to(self.weight.dtype)
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MultiplierBank:
+    """Every :class:`KernelMaskedConv` multiplier of a model in one pass over all kernels.
+
+    A forward pre-hook of the model (installed by :meth:`KSM._mask_convs`): before each
+    forward it computes the multipliers of all layers as one flat tensor, with per-layer
+    min/max of the soft kernels as segment reductions (no per-layer loop of small ops and no
+    host sync), and hands each layer its slice, which the layer uses once. The values are
+    those of :meth:`KernelMaskedConv.multiplier`, bit for bit; gradients agree to rounding
+    (the surrogate's sigmoid runs over another tensor layout). Layers called outside a
+    model forward compute their own multiplier.
+    """
+
+    def __init__(self, layers: list[KernelMaskedConv]) -> None:
+        first = layers[0]
+        settings = {(m.threshold, m.slope, m.soft_weight) for m in layers}
+        if len(settings) != 1:
+            raise ValueError(f"KSM layers of one model differ in settings: {settings}")
+        self.layers = layers
+        self.threshold, self.slope, self.soft_weight = first.threshold, first.slope, \
+            first.soft_weight
+        self.sizes = [m.mask.numel() for m in layers]
+        self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer id per kernel, kernels per layer) on ``device``: shapes only, cached."""
+        if device not in self._index:
+            lengths = torch.tensor(self.sizes, device=device)
+            layer = torch.arange(len(self.sizes), device=device)
+            self._index[device] = (layer.repeat_interleave(lengths, output_size=sum(self.sizes)),
+                                   lengths)
+        return self._index[device]
+
+    def multipliers(self, training: bool) -> list[torch.Tensor]:
+        """``[layer.multiplier()[:, :, None, None] for layer in layers]``, at once."""
+        m = torch.cat([layer.mask.reshape(-1) for layer in self.layers])
+        layer_of, lengths = self._segments(m.device)
+        hard = (m.detach() >= self.threshold).to(m.dtype)
+        b = ste(hard, torch.sigmoid((m - self.threshold) * self.slope)) if training else hard
+        soft = hard == 0
+        md = m.detach()
+        lo = torch.segment_reduce(torch.where(soft, md, torch.inf), "min", lengths=lengths,
+                                  unsafe=True)
+        span = torch.segment_reduce(torch.where(soft, md, -torch.inf), "max", lengths=lengths,
+                                    unsafe=True) - lo
+        lo, span = lo.index_select(0, layer_of), span.index_select(0, layer_of)
+        a = torch.where(soft & (span > 0), (md - lo) / span, torch.zeros_like(md))
+        s = b + self.soft_weight * a
+        return [piece.view(*layer.mask.shape, 1, 1)
+                for piece, layer in zip(s.split(self.sizes), self.layers, strict=True)]
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        training = {layer.training for layer in self.layers}
+        if len(training) != 1:  # mixed modes (unusual): each layer computes its own
+            return
+        for layer, s in zip(self.layers, self.multipliers(training.pop()), strict=True):
+            layer.pending = s
 
 
 class KSM(Method):
@@ -97,11 +158,16 @@ class KSM(Method):
         return with_quick_epochs(protocol, self.opt["quick_epochs"], "KSM")
 
     def _mask_convs(self, model: nn.Module) -> nn.Module:
+        """Every conv becomes a :class:`KernelMaskedConv`; a :class:`MultiplierBank` hook
+        computes all their multipliers at once per forward."""
         o = self.opt
+        layers = []
         for name, conv in conv_modules(model):
-            set_submodule(model, name, KernelMaskedConv(
-                conv, o["mask_init"], o["threshold"], o["beta"], o["temperature"],
-                o["soft_weight"]))
+            layers.append(KernelMaskedConv(conv, o["mask_init"], o["threshold"], o["beta"],
+                                           o["temperature"], o["soft_weight"]))
+            set_submodule(model, name, layers[-1])
+        if layers:
+            model.register_forward_pre_hook(MultiplierBank(layers))
         return model
 
     def model_for_task(self, task: TaskInfo, store: ArtifactStore) -> nn.Module:

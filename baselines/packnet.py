@@ -146,6 +146,8 @@ class PackNet(Method):
         self.machine = TaskStateMachine()
         self.task_id = 0
         self.owners: dict[str, torch.Tensor] = {}  # conv name -> owner ids of the live task
+        self._masks: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._masks_key: tuple | None = None  # what _masks were built for; None: rebuild
 
     def retrain_protocol(self, protocol: Protocol) -> Protocol:
         """The main protocol scaled to PackNet's retraining (30 ep, lr/10, drop at 25 of 100)."""
@@ -200,19 +202,46 @@ class PackNet(Method):
     def _own(self, name: str, like: torch.Tensor) -> torch.Tensor:
         return self._ids(name, like) == self.task_id
 
+    def _step_masks(self, convs: list[tuple[str, nn.Conv2d]]
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per conv, as float tensors of the weight's shape, dtype and device: 1 where this
+        task owns the weight (its gradient survives), and 1 where the weight is not free (it
+        survives ``after_step``). Built once per owner-id change (task start, prune), so a
+        training step reads them without comparing ids (no per-layer ops per step)."""
+        key = tuple((n, c.weight.device, c.weight.dtype) for n, c in convs)
+        if self._masks_key != key:
+            own, keep = [], []
+            for name, conv in convs:
+                ids = self._ids(name, conv.weight)
+                own.append((ids == self.task_id).to(conv.weight.dtype))
+                keep.append((ids != 0).to(conv.weight.dtype))
+            self._masks, self._masks_key = (own, keep), key
+        return self._masks
+
     def after_backward(self, model: nn.Module) -> None:
+        """Weight decay into every gradient, then older tasks' (and free) weights' gradients
+        zeroed: two multi-tensor ops for the whole model, whatever its depth."""
         wd = self.ctx.protocol.weight_decay
-        for p in model.parameters():
-            if p.grad is not None and wd:
-                p.grad.add_(p.detach(), alpha=wd)
-        for name, conv in conv_modules(model):
-            if conv.weight.grad is not None:
-                conv.weight.grad.mul_(self._own(name, conv.weight))
+        params = [p for p in model.parameters() if p.grad is not None]
+        convs = conv_modules(model)
+        own, _ = self._step_masks(convs)
+        pairs = [(c.weight.grad, m) for (_, c), m in zip(convs, own, strict=True)
+                 if c.weight.grad is not None]
+        with torch.no_grad():
+            if wd and params:
+                torch._foreach_add_([p.grad for p in params], params, alpha=wd)
+            if pairs:
+                torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
 
     def after_step(self, model: nn.Module) -> None:
-        with torch.no_grad():  # pruned weights stay exactly zero
-            for name, conv in conv_modules(model):
-                conv.weight.masked_fill_(self._ids(name, conv.weight) == 0, 0.0)
+        """Free (pruned) weights stay exactly zero. They are +0 already (zeroed at pruning,
+        their gradients are zeroed and PackNet's optimiser applies no weight decay), so the
+        multiplication by the 0/1 mask keeps every weight bit for bit; it guards against an
+        optimiser that would move them."""
+        convs = conv_modules(model)
+        _, keep = self._step_masks(convs)
+        with torch.no_grad():
+            torch._foreach_mul_([c.weight for _, c in convs], keep)
 
     def prune(self, model: nn.Module, fraction: float) -> None:
         """Free ``fraction`` of this task's weights in every layer, smallest magnitude first."""
@@ -230,6 +259,7 @@ class PackNet(Method):
                 ids = self.owners[name].flatten().clone()
                 ids[idx] = 0
                 self.owners[name] = ids.view_as(conv.weight)
+                self._masks_key = None
                 conv.weight.view(-1)[idx] = 0.0
                 if int((self.owners[name] == self.task_id).sum()) != n_own - k:
                     raise RuntimeError(f"PackNet: pruning {name} failed")

@@ -13,7 +13,11 @@ Defaults (decided here, measured where said):
   (:mod:`benchmarks.data.batches`, :mod:`benchmarks.data.decode_cache`). On by default
   everywhere (also CPU: 52k against 4.4k Split-CIFAR images/s per thread, measured by
   ``python -m benchmarks.data.throughput``); off, the per-image DataLoader path runs.
-- ``compile``: ``torch.compile`` of the training step; off unless asked for (``--compile``).
+- ``compile``: ``torch.compile`` of the model in the training step; off unless asked for
+  (``--compile``; not yet measured on a GPU). Mode: ``"reduce-overhead"`` (CUDA-graph
+  capture of the forward and backward) on CUDA, the default (inductor kernels, no graphs)
+  elsewhere: :func:`compile_mode`. The harness passes ``policy.compile`` to
+  ``benchmarks.training.Trainer(..., compile=...)``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,18 @@ def default_search(device: torch.device) -> SearchPath:
     return "certificates" if device.type == "cpu" else "full"
 
 
+def compile_mode(device: torch.device) -> str:
+    """``torch.compile`` mode for a training step on ``device``: CUDA graphs where the
+    device has them (a captured step launches as one graph, the host is out of the loop),
+    inductor's default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def compile_options(device: torch.device) -> dict[str, Any]:
+    """Keyword arguments of ``torch.compile`` for a training step on ``device``."""
+    return {"mode": compile_mode(device)}
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     """How one run uses ``device``; built once by the harness and passed down."""
@@ -66,6 +82,11 @@ class DevicePolicy:
             raise ValueError(f"search {chosen!r}; valid: {', '.join(SEARCH_PATHS)}")
         return cls(device, chosen,  # type: ignore[arg-type]
                    True if data_on_device is None else data_on_device, compile)
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The ``torch.compile`` mode of the training step, or None when not compiling."""
+        return compile_mode(self.device) if self.compile else None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready, for ``env.json``."""

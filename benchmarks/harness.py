@@ -71,6 +71,9 @@ class RunConfig:
     protocol_overrides: dict[str, Any] = field(default_factory=dict)
     benchmark_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    # torch.compile of the training step (DevicePolicy decides the mode); not part of the
+    # run's identity: the same numerics up to floating-point reordering.
+    compile: bool = False
     # When a training phase writes its checkpoint: epochs ("5") or a time ("10m"); the last
     # epoch of a phase always. Not part of the run's identity: it never changes results.
     checkpoint_every: str = DEFAULT_CHECKPOINT_EVERY
@@ -185,7 +188,7 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     ctx.protocol = protocol
 
     every = CheckpointPolicy.parse(cfg.checkpoint_every)
-    policy = DevicePolicy.for_device(device)
+    policy = DevicePolicy.for_device(device, compile=cfg.compile)
     identity = run_identity(cfg, protocol, options, pretrained_source, device)
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)

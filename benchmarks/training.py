@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
-from benchmarks.device_policy import DevicePolicy
+from benchmarks.device_policy import DevicePolicy, compile_mode, compile_options
 from benchmarks.loss_monitor import LossMonitor, LossReading
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
@@ -36,16 +36,18 @@ class TrainingDivergedError(RuntimeError):
     """The loss stopped being finite; nothing of this task is stored."""
 
 
-def make_optimizer(params: list, protocol: Protocol, weight_decay: bool) -> torch.optim.Optimizer:
+def make_optimizer(params: list, protocol: Protocol, weight_decay: bool,
+                   **impl: bool) -> torch.optim.Optimizer:
+    """``impl``: torch's implementation switches (``foreach``, ``fused``), passed through."""
     wd = protocol.weight_decay if weight_decay else 0.0
     if protocol.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=protocol.lr, momentum=protocol.momentum, nesterov=protocol.nesterov,
-            weight_decay=wd,
+            weight_decay=wd, **impl,
         )
     if protocol.optimizer == "adam":
         return torch.optim.Adam(params, lr=protocol.lr, betas=(protocol.momentum, 0.999),
-                                weight_decay=wd)
+                                weight_decay=wd, **impl)
     raise ValueError(f"unknown optimizer {protocol.optimizer!r}; valid: sgd, adam")
 
 
@@ -67,23 +69,43 @@ def autocast_for(device: torch.device, amp: str):
 
 
 class Trainer:
-    """One optimiser and schedule over one model: ``step`` is the harness's training step."""
+    """One optimiser and schedule over one model: ``step`` is the harness's training step.
+
+    The step keeps the host ahead of the device: no host synchronisation inside it (the
+    loss comes back as a device tensor; the caller decides when to read it), gradients are
+    dropped rather than zeroed, and the optimiser updates all parameters with a few
+    multi-tensor ops: ``foreach`` implementations, or ``fused`` when fp16 loss scaling is on
+    (only a fused step skips a non-finite step without reading ``found_inf`` on the host).
+
+    ``compile=True``: the model's forward (and so its backward) runs through
+    ``torch.compile`` in the mode :func:`benchmarks.device_policy.compile_mode` picks for
+    ``device`` (CUDA-graph capture on CUDA). Off by default; the harness passes
+    ``DevicePolicy.compile``. ``model`` itself stays the uncompiled module: methods, the
+    optimiser and checkpoints see the same parameters and state-dict keys either way.
+    """
 
     def __init__(self, model: nn.Module, method: Method, protocol: Protocol,
-                 device: torch.device) -> None:
+                 device: torch.device, compile: bool = False) -> None:
         self.model, self.method, self.protocol, self.device = model, method, protocol, device
-        params = list(method.parameters(model))
-        self.opt = make_optimizer(params, protocol, method.optimizer_weight_decay)
-        self.sched = make_scheduler(self.opt, protocol)
         self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
                                            and protocol.amp == "fp16")
+        params = list(method.parameters(model))
+        impl = {"fused": True} if self.scaler.is_enabled() else {"foreach": True}
+        self.opt = make_optimizer(params, protocol, method.optimizer_weight_decay, **impl)
+        self.sched = make_scheduler(self.opt, protocol)
         self.nonfinite_streak = 0
+        self.compile_mode = compile_mode(device) if compile else None
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(model, **compile_options(device)) if compile else model)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on the batch ``(x, y)``; returns the loss (a device tensor)."""
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration of captured graphs
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         with autocast_for(self.device, self.protocol.amp):
-            loss = F.cross_entropy(self.model(x), y)
+            loss = F.cross_entropy(self.forward(x), y)
             extra = self.method.extra_loss(self.model)
             if extra is not None:
                 loss = loss + extra
@@ -326,7 +348,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
     policy = policy if policy is not None else DevicePolicy.for_device(device)
     every = checkpoint_every or CheckpointPolicy.parse(DEFAULT_CHECKPOINT_EVERY)
     model.to(device).train()
-    trainer = Trainer(model, method, protocol, device)
+    trainer = Trainer(model, method, protocol, device, compile=policy.compile)
     per_epoch = batches_per_epoch(len(dataset), protocol.batch_size, protocol.drop_last)
     if protocol.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)

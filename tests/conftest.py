@@ -13,6 +13,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``@pytest.mark.cuda`` tests are skipped, with the reason shown, without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker cuda); none is visible")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)

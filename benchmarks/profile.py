@@ -1,0 +1,247 @@
+"""Aten ops and host-sync-prone ops per steady-state training step, per method.
+
+    python -m benchmarks.profile --method all
+    python -m benchmarks.profile --method nws,packnet --arch resnet18 --batch 32 --size 32
+
+On a GPU every aten op is a kernel launch (~5-10 us of host time) and a sync-prone op stalls
+the host until the device has caught up (:mod:`benchmarks.opcount`), so these counts, taken
+on CPU, predict how host-bound a method's GPU step is without a GPU. Each method is built
+through the suite's registries (method, architecture, protocol) exactly as the harness
+builds it, with a randomly initialised backbone, and stepped on synthetic CIFAR-shaped
+tensors: profiling needs no data set. The counted step is ``Trainer.step`` after
+``--warmup`` steps (the first steps initialise lazily: AQD's activation scales, NWS's first
+full search). NWS runs the search path ``--search`` (default ``full``: the path CUDA takes)
+with its compiled CPU kernels off (they never run on CUDA), i.e. the CUDA code path.
+
+Columns: every aten op dispatched (the issue's measure), the same without view/alias ops
+(``view``, ``detach``, ``select``, ...: host-side metadata, no device work), each as a ratio
+to the plain (Finetune) step, and the sync-prone ops. Kernels a single fused aten op launches
+inside (``convolution_backward``, a foreach op's chunks) are not seen at this level.
+Targets (issue 13): 0 sync-prone ops per step for every method, and ops per step <= 2x the
+plain step. The exit status is 0 either way: this reports, it does not judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.archs import ARCHS, Pretrained
+from benchmarks.device_policy import SEARCH_ENV, SEARCH_PATHS
+from benchmarks.method import Method, MethodContext, TaskInfo
+from benchmarks.methods import METHODS
+from benchmarks.opcount import OpCounter
+from benchmarks.protocols import resolve_protocol
+from benchmarks.store import ArtifactStore
+from benchmarks.training import Trainer
+
+PLAIN = "finetune"
+CLASSES = 10
+BENCHMARK = "split_cifar100"  # whose method settings and paper protocol the step uses
+# k-means for NWS's pools is setup, not profiled: a coarse fit keeps it short.
+NWS_OPTIONS = {"pools": "kmeans-pretrained", "kmeans_iters": 2, "kmeans_points": 2048}
+PHASES = ("first", "later")
+
+
+@dataclass
+class StepProfile:
+    """One method's counts over one steady-state step."""
+
+    method: str
+    ops: int
+    syncs: int
+    sync_ops: dict[str, int] = field(default_factory=dict)
+    compute: int = 0  # ops that do device work: not views, aliases or profiler markers
+    ratio: float | None = None  # ops / the plain step's ops
+    compute_ratio: float | None = None  # compute / the plain step's compute
+
+
+def _overload(name: str) -> Any:
+    """``"aten.view.default"`` -> ``torch.ops.aten.view.default`` (None if unknown)."""
+    obj: Any = torch.ops
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def compute_ops(counts: dict[str, int]) -> int:
+    """Ops among ``counts`` that launch device work: view/alias ops (``view``, ``detach``,
+    ``select``, ``split``, ...) only make tensor metadata on the host, and profiler markers
+    launch nothing."""
+    total = 0
+    for name, n in counts.items():
+        op = _overload(name)
+        if name.startswith("profiler.") or (op is not None and getattr(op, "is_view", False)):
+            continue
+        total += n
+    return total
+
+
+@contextlib.contextmanager
+def cuda_code_path(search: str) -> Iterator[None]:
+    """Environment of the CUDA code path on any device: NWS's search forced to ``search``,
+    NWS's compiled CPU kernels off (also when this process built them already). Restores
+    the previous environment."""
+    if search not in SEARCH_PATHS:
+        raise ValueError(f"search {search!r}; valid: {', '.join(SEARCH_PATHS)}")
+    from nws import cpu_kernels
+
+    saved = {k: os.environ.get(k) for k in (SEARCH_ENV, "NWS_CPU_KERNELS")}
+    loaded = dict(cpu_kernels._loaded)  # kernels built earlier in this process stay unused
+    os.environ[SEARCH_ENV], os.environ["NWS_CPU_KERNELS"] = search, "0"
+    cpu_kernels._loaded["module"] = None
+    try:
+        yield
+    finally:
+        cpu_kernels._loaded.clear()
+        cpu_kernels._loaded.update(loaded)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def build_method(name: str, arch: str = "resnet18", device: torch.device | None = None,
+                 protocol: str = "paper", num_tasks: int = 2,
+                 options: dict[str, Any] | None = None,
+                 overrides: dict[str, Any] | None = None) -> Method:
+    """``name`` from the method registry, for ``num_tasks`` tasks of ``CLASSES`` classes,
+    under ``protocol`` of Split-CIFAR-100 (``overrides``: protocol fields, e.g. ``amp``),
+    from a random init (no weights needed). ``options``: method options over the defaults
+    (NWS: ``NWS_OPTIONS`` under them)."""
+    device = device or torch.device("cpu")
+    cls = METHODS.get(name)
+    tasks = tuple(TaskInfo(t, f"t{t}", CLASSES) for t in range(num_tasks))
+    proto = resolve_protocol(protocol, BENCHMARK)
+    if overrides:
+        proto = proto.with_overrides(**overrides)
+    options = (NWS_OPTIONS if name == "nws" else {}) | (options or {})
+    options = cls.resolve_options(BENCHMARK, options)
+    ctx = MethodContext(arch, BENCHMARK, tasks, proto, device, 0, Pretrained(arch, "none"),
+                        options)
+    method = cls(ctx)
+    ctx.protocol = method.adjust_protocol(proto)
+    return method
+
+
+def build_trainer(method: Method, store_dir: Path, phase: str = "first",
+                  compile: bool = False) -> Trainer:
+    """A ``Trainer`` on the method's model for task 0 (``phase="first"``) or for task 1
+    after task 0 was finished (no training) and stored (``"later"``)."""
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}; valid: {', '.join(PHASES)}")
+    ctx = method.ctx
+    store = ArtifactStore(store_dir)
+    model = method.model_for_task(ctx.tasks[0], store)
+    if phase == "later":
+        model.to(ctx.device).train()
+        method.finish_task(ctx.tasks[0], model, lambda *_: None)  # no retraining
+        with store.transaction() as tx:
+            method.save_task(ctx.tasks[0], model, tx)
+        model = method.model_for_task(ctx.tasks[1], store)
+    return Trainer(model.to(ctx.device).train(), method, ctx.protocol, ctx.device,
+                   compile=compile)
+
+
+def synthetic_batch(batch: int, size: int, device: torch.device, seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-shaped inputs: ``(batch, 3, size, size)`` normal floats, labels in 0..9."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, CLASSES, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def count_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, warmup: int = 3
+               ) -> OpCounter:
+    """Run ``warmup`` steps, then count the ops of one more."""
+    for _ in range(warmup):
+        trainer.step(x, y)
+    with OpCounter() as ops:
+        trainer.step(x, y)
+    return ops
+
+
+def profile_method(name: str, *, arch: str = "resnet18", batch: int = 32, size: int = 32,
+                   search: str = "full", phase: str = "first", warmup: int = 3,
+                   device: torch.device | None = None) -> StepProfile:
+    """Counts of one steady-state step of ``name`` on the CUDA code path."""
+    device = device or torch.device("cpu")
+    torch.manual_seed(0)
+    with cuda_code_path(search), tempfile.TemporaryDirectory() as tmp:
+        method = build_method(name, arch, device)
+        trainer = build_trainer(method, Path(tmp), phase)
+        ops = count_step(trainer, *synthetic_batch(batch, size, device), warmup=warmup)
+    return StepProfile(name, ops.total, ops.syncs, ops.sync_ops, compute_ops(ops.counts))
+
+
+def profile(methods: Sequence[str], **kwargs) -> list[StepProfile]:
+    """:func:`profile_method` for the plain step and each of ``methods``; ratios to plain."""
+    plain = profile_method(PLAIN, **kwargs)
+    rows = [plain if m == PLAIN else profile_method(m, **kwargs) for m in methods]
+    for row in rows:
+        row.ratio = row.ops / plain.ops
+        row.compute_ratio = row.compute / plain.compute
+    return rows
+
+
+def format_table(rows: Sequence[StepProfile]) -> str:
+    lines = [f"{'method':<10} {'aten ops':>9} {'x plain':>8} {'non-view':>9} {'x plain':>8} "
+             f"{'syncs':>6}  sync-prone ops"]
+    for r in rows:
+        names = ", ".join(f"{k} x{v}" for k, v in sorted(r.sync_ops.items())) or "-"
+        lines.append(f"{r.method:<10} {r.ops:>9} {r.ratio or 0:>8.2f} {r.compute:>9} "
+                     f"{r.compute_ratio or 0:>8.2f} {r.syncs:>6}  {names}")
+    return "\n".join(lines)
+
+
+def parse_methods(spec: str) -> list[str]:
+    names = METHODS.names() if spec == "all" else [m.strip() for m in spec.split(",") if m]
+    for name in names:
+        METHODS.get(name)  # an unknown name stops with the valid ones
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0],
+        epilog="Runs on synthetic CIFAR-shaped tensors from a random init: no data set or "
+               "weights are needed. Counts are of the CUDA code path, taken on CPU.")
+    parser.add_argument("--method", default="all", help="a,b,... or 'all' (registry names)")
+    parser.add_argument("--arch", default="resnet18", help=f"one of {ARCHS.names()}")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels")
+    parser.add_argument("--search", choices=SEARCH_PATHS, default="full",
+                        help="NWS search path (full: the CUDA default)")
+    parser.add_argument("--phase", choices=PHASES, default="first",
+                        help="task 0, or task 1 after a stored task 0 (NWS: W on pool entries)")
+    parser.add_argument("--warmup", type=int, default=3, help="uncounted steps before")
+    args = parser.parse_args(argv)
+    try:
+        methods = parse_methods(args.method)
+        ARCHS.get(args.arch)
+    except (KeyError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err.args[0] if err.args else err}\n")
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    rows = profile(methods, arch=args.arch, batch=args.batch, size=args.size,
+                   search=args.search, phase=args.phase, warmup=args.warmup)
+    print(f"# {args.arch}, batch {args.batch}, {args.size}x{args.size}, phase {args.phase}, "
+          f"NWS search {args.search}; one Trainer.step after {args.warmup} warm-up steps")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The GPU acceptance check (``benchmarks.gpu_check``): its CPU dry mode runs here; the CUDA
+parts carry the ``cuda`` marker and are skipped without a GPU (``tox -e gpu`` runs them)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+from benchmarks.gpu_check import main, paper_steps
+
+CUDA = torch.device("cuda")
+
+
+def test_dry_run_on_cpu_reports_steps_and_projection(tmp_path, capsys):
+    """Two methods, tiny settings, the step check (syncs counted on the CUDA code path) and
+    the table; the harness, search and resume checks have their own tests below."""
+    rc = main(["--device", "cpu", "--method", "finetune,packnet", "--batch", "2", "--size",
+               "16", "--steps", "1", "--warmup", "1", "--compile", "off", "--skip",
+               "task,search,resume", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "[PASS] steps packnet fp32" in out and "no host sync" in out
+    assert "| packnet | fp32 |" in out and "Projected paper protocol" in out
+    assert (tmp_path / "report.json").exists()
+
+
+def test_a_sync_in_the_step_fails_the_check(monkeypatch, capsys, tmp_path):
+    from baselines.packnet import PackNet
+
+    original = PackNet.after_step
+
+    def syncing(self, model):  # a host read in every step, as a regression would add
+        original(self, model)
+        float(next(model.parameters()).detach().sum())
+
+    monkeypatch.setattr(PackNet, "after_step", syncing)
+    rc = main(["--device", "cpu", "--method", "packnet", "--batch", "2", "--size", "16",
+               "--steps", "1", "--warmup", "1", "--compile", "off", "--skip",
+               "task,search,resume", "--out", str(tmp_path)])
+    assert rc == 1
+    assert "_local_scalar_dense" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--method", "nope"])
+    assert exit_info.value.code == 2
+    assert "unknown method" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--device", "cuda"])
+        assert exit_info.value.code == 2
+        assert "--device cpu" in capsys.readouterr().err
+
+
+def test_paper_protocol_step_count():
+    assert paper_steps("nws") == 20 * 100 * 79
+    assert paper_steps("packnet") == 20 * 130 * 79  # + 30 retraining epochs per task
+
+
+@pytest.mark.slow
+def test_search_and_resume_checks_run_on_cpu(tmp_path):
+    report = gpu_check.Report("cpu")
+    gpu_check.check_search(report, torch.device("cpu"), arch="resnet18", batch=2, size=16,
+                           max_rows=2048)
+    gpu_check.check_resume(report, torch.device("cpu"), tmp_path, size=16, images=128)
+    assert [c.status for c in report.checks] == ["PASS", "PASS"], report.checks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["fp32", "bf16", "fp16"])
+def test_every_method_learns_a_task_on_cuda(amp, tmp_path):
+    report = gpu_check.Report("cuda")
+    gpu_check.check_tasks(report, gpu_check.METHODS.names(), [amp], CUDA, 32, tmp_path)
+    assert not report.failed, report.checks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["finetune", "ksm", "packnet", "aqd", "nws"])
+def test_steady_state_steps_have_no_host_sync_on_cuda(method):
+    for amp in ("fp32", "bf16", "fp16"):
+        t = gpu_check.time_steps(method, amp, False, CUDA, arch="resnet18", batch=32, size=32,
+                                 warmup=3, steps=3)  # sync debug mode "error" raises
+        assert t.syncs_ok and t.steps_per_s, t
+
+
+@pytest.mark.cuda
+def test_nws_search_equals_float64_and_resume_on_cuda(tmp_path):
+    report = gpu_check.Report("cuda")
+    gpu_check.check_search(report, CUDA, arch="resnet18", batch=32, size=32, max_rows=None)
+    gpu_check.check_resume(report, CUDA, tmp_path, size=32, images=4096)
+    assert not report.failed, report.checks

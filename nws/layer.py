@@ -75,18 +75,19 @@ class SearchGroup:
         self._scalar: dict[int, tuple[tuple, ScalarPoolSearch]] = {}
 
     @torch.no_grad()
-    def search(self, only: Sequence[NWSLayer] | None = None) -> None:
-        """Search every full-path member (or ``only`` these layers) for W as it is now."""
+    def search(self, only: Sequence[NWSLayer] | None = None, *, rebuild: bool = False) -> None:
+        """Search every full-path member (or ``only`` these layers) for W as it is now;
+        ``rebuild``: from the pools as they are (else tables cached by pool version)."""
         layers = list(only) if only is not None else [m for m in self.layers
                                                       if m.path() == "full"]
         batches: dict[tuple, list[NWSLayer]] = {}
         for layer in layers:
             if layer.dim == 1:
-                self._search_scalar(layer)
+                self._search_scalar(layer, rebuild)
             else:
                 batches.setdefault((layer.pool.device, layer.dim), []).append(layer)
         for key, batch in batches.items():
-            searcher = self._vector_searcher(key, batch)
+            searcher = self._vector_searcher(key, batch, rebuild)
             rows = [layer.weight.reshape(-1, layer.dim) for layer in batch]  # no_grad: no detach
             selected, index = searcher.search(rows)
             start = 0
@@ -96,17 +97,18 @@ class SearchGroup:
                                                            searcher.offsets[i]))
                 start = end
 
-    def _vector_searcher(self, key: tuple, batch: list[NWSLayer]) -> VectorPoolsSearch:
+    def _vector_searcher(self, key: tuple, batch: list[NWSLayer],
+                         rebuild: bool) -> VectorPoolsSearch:
         pools = tuple((id(layer), layer._pool_key()) for layer in batch)
         cached = self._vector.get(key)
-        if cached is None or cached[0] != pools:
+        if rebuild or cached is None or cached[0] != pools:
             cached = (pools, VectorPoolsSearch([layer.pool for layer in batch]))
             self._vector[key] = cached
         return cached[1]
 
-    def _search_scalar(self, layer: NWSLayer) -> None:
+    def _search_scalar(self, layer: NWSLayer, rebuild: bool) -> None:
         cached = self._scalar.get(id(layer))
-        if cached is None or cached[0] != layer._pool_key():
+        if rebuild or cached is None or cached[0] != layer._pool_key():
             cached = (layer._pool_key(), ScalarPoolSearch(layer.pool))
             self._scalar[id(layer)] = cached
         values, rank = cached[1].search(layer.weight)
@@ -128,13 +130,16 @@ class NWSLayer(nn.Module):
     :mod:`nws.full_search`), ``"certificates"`` (incremental, :mod:`nws.search`) or None:
     ``$NWS_SEARCH``, else certificates on CPU and full elsewhere (:func:`search_path`).
 
-    Freshness (every way of changing W or the pool is seen): a forward pass always brings
-    the search up to date with W as it is (the full path searches every row; the
-    certificates compare W with where it was certified), and so do :meth:`search`,
-    :meth:`indices` and :meth:`selected`. Writes through ``.data`` bump no version counter,
-    so only the reuse that the similarity term makes of the forward's K (same step) relies
-    on W's version and storage; a write through ``.data`` between a forward and its loss is
-    not seen there.
+    Freshness (issue 15 item 10): :meth:`search`, :meth:`indices` and :meth:`selected`
+    search W as it is, from tables rebuilt from the pool as it is, so every way of changing
+    either (``.data``, in place under ``no_grad``, ``load_state_dict``, ``copy_``) is seen.
+    A forward pass always searches W again (the full path every row; the certificates
+    compare W with where it was certified), with the pool's tables cached by the pool's
+    version and storage (pools are frozen during a task; the EMA rule writes them with
+    ``copy_``). Writes through ``.data`` bump no version counter, so a pool written through
+    ``.data`` reaches a forward only after one of the calls above, and the similarity
+    term's reuse of the forward's K (same step, by W's version and storage) does not see a
+    ``.data`` write between the forward and the loss.
     """
 
     def __init__(self, weight: torch.Tensor, pool: torch.Tensor, group_size: int = 1,
@@ -204,7 +209,7 @@ class NWSLayer(nn.Module):
         """Indices of the selected pool entries for W as it is now (exact).
 
         ``hint``: indices W is believed to be a lookup of (see :meth:`start_from`)."""
-        self._refresh(hint, force=True)
+        self._refresh(hint, force=True, rebuild=True)
         return self._current_index()
 
     def last_index(self) -> torch.Tensor:
@@ -221,19 +226,21 @@ class NWSLayer(nn.Module):
         return self._index
 
     def _refresh(self, hint: torch.Tensor | None = None, *, force: bool = False,
-                 together: bool = False) -> None:
+                 together: bool = False, rebuild: bool = False) -> None:
         """Bring the search and K up to date with W and the pool: searched again when W's
         version, storage, device, the pool or the path changed, or always (``force``).
-        ``together``: the full path searches the whole :attr:`search_group` at once."""
+        ``together``: the full path searches the whole :attr:`search_group` at once.
+        ``rebuild``: the pool's tables are rebuilt too (a pool written through ``.data``)."""
         key = self._state_key()
         if self._key == key and not force:
             return
         if key[-1] == "full":
-            self.search_group.search(None if together else [self])
+            self.search_group.search(None if together else [self], rebuild=rebuild)
             if self._key != key:  # not a member of its group (e.g. a copied layer)
-                self.search_group.search([self])
+                self.search_group.search([self], rebuild=rebuild)
             return
-        if self._key is None or self._key[3:] != key[3:] or self._searcher is None:
+        if (rebuild or self._key is None or self._key[3:] != key[3:]
+                or self._searcher is None):
             self._searcher = searcher_for(self.pool.detach(), self.num_groups)
             self._selected = None
         changed = self._searcher.update(self.rows(), hint=hint)
@@ -260,7 +267,7 @@ class NWSLayer(nn.Module):
     def selected(self) -> torch.Tensor:
         """K for W as it is now, shaped like W (no gradient; the pool is a lookup table)."""
         with torch.no_grad():
-            self._refresh(force=True)
+            self._refresh(force=True, rebuild=True)
         return self._kernels()
 
     def step_selected(self) -> torch.Tensor:

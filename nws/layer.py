@@ -230,7 +230,9 @@ class NWSLayer(nn.Module):
         """Bring the search and K up to date with W and the pool: searched again when W's
         version, storage, device, the pool or the path changed, or always (``force``).
         ``together``: the full path searches the whole :attr:`search_group` at once.
-        ``rebuild``: the pool's tables are rebuilt too (a pool written through ``.data``)."""
+        ``rebuild``: the pool's tables are rebuilt too if the pool's values changed (a pool
+        written through ``.data``; on the certificates path compared with a copy, a sync:
+        only the public calls do this, never a training step)."""
         key = self._state_key()
         if self._key == key and not force:
             return
@@ -239,9 +241,10 @@ class NWSLayer(nn.Module):
             if self._key != key:  # not a member of its group (e.g. a copied layer)
                 self.search_group.search([self], rebuild=rebuild)
             return
-        if (rebuild or self._key is None or self._key[3:] != key[3:]
-                or self._searcher is None):
+        if (self._key is None or self._key[3:] != key[3:] or self._searcher is None
+                or (rebuild and not torch.equal(self.pool, self._pool_seen))):
             self._searcher = searcher_for(self.pool.detach(), self.num_groups)
+            self._pool_seen = self.pool.detach().clone()  # what the searcher's tables hold
             self._selected = None
         changed = self._searcher.update(self.rows(), hint=hint)
         if self._selected is None or changed is None:  # None: every row was looked up

@@ -146,12 +146,14 @@ def test_search_path_names(monkeypatch) -> None:
         search_path(torch.device("cpu"))
 
 
-def _small_model(search: str) -> nn.Module:
+def _plain_small() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, bias=False), nn.Conv2d(64, 64, 3, bias=False),
-                          nn.Conv2d(64, 8, 1), nn.Flatten(), nn.LazyLinear(4))
-    model(torch.randn(1, 3, 8, 8))
-    return nws.nwsify(model, pool_size=64, search=search)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, bias=False), nn.Conv2d(64, 64, 3, bias=False),
+                         nn.Conv2d(64, 8, 1), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+
+def _small_model(search: str) -> nn.Module:
+    return nws.nwsify(_plain_small(), pool_size=64, search=search)
 
 
 def _fresh(layer: nws.NWSLayer) -> torch.Tensor:
@@ -243,3 +245,33 @@ def test_nws_step_on_the_full_path_is_sync_free_and_within_2x_plain_ops(
         assert ops.syncs == 0, ops.sync_ops
         assert ops.total <= 2 * plain.total, (ops.total, plain.total)
         assert ops.counts["aten.topk.default"] >= 17  # the full search did run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_library_init_and_full_search_sync_free() -> None:
+    """On CUDA: k-means and the pretraining init on CUDA inputs, and NWS training steps with
+    CUDA's sync debug mode set to error, indices equal to the float64 brute force."""
+    from nws.pretrain import PretrainConfig, init_nws_model
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(4000, 9, generator=g)
+    on_gpu = nws.kmeans(points.to(dev), 64, iters=3, generator=torch.Generator().manual_seed(1))
+    on_cpu = nws.kmeans(points, 64, iters=3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-5)
+    init = init_nws_model(_plain_small().to(dev), PretrainConfig(pool_size=16))
+    assert all(m.pool.is_cuda for m in nws.nws_layers(init).values())
+    model = _small_model("full").to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 3, 8, 8, device=dev)
+    for step in range(4):
+        torch.cuda.set_sync_debug_mode("error" if step >= 2 else 0)
+        try:
+            loss = model(x).pow(2).mean() + nws.similarity_loss(model, 0.5)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    for layer in nws.nws_layers(model).values():
+        assert torch.equal(layer.indices().cpu(), _fresh(layer).cpu())

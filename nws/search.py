@@ -21,7 +21,10 @@ A layer searches through :func:`searcher_for` (the contract: :class:`Searcher`):
   cross it).
 - :class:`ScalarLookup` (1x1 layers: scalar pools) looks every row up in a table of cells.
 
-Searches run in float32 even inside an autocast (AMP) region: see :func:`full_precision`.
+This is the ``certificates`` path (the CPU default); :mod:`nws.full_search` is the ``full``
+path (sync-free, every row every step: the default elsewhere), chosen by :func:`search_path`.
+Searches run in IEEE float32 even inside an autocast (AMP) region or with TF32 enabled: see
+:func:`full_precision`.
 On CPU the searches and the certificates' check run as compiled loops where they build
 (:mod:`nws.cpu_kernels`); the eager code here is their reference, and the tests run both.
 """

@@ -9,17 +9,21 @@ incremental CPU path of :mod:`nws.search` (see :func:`nws.search.search_path`).
 Vector pools (:class:`VectorPoolsSearch`, several layers of one entry length at once):
 
 1. per layer and chunk of rows, one product ``||p||^2 - 2 w.p`` (``addmm``, IEEE float32:
-   :func:`nws.search.full_precision`) and its ``REFINE`` smallest columns (``topk``);
+   :func:`nws.search.full_precision`), its ``REFINE`` smallest columns (``topk``) and the
+   first column holding its minimum (``argmin``: exact ties among any number of entries
+   keep their lowest index as a candidate);
 2. for all layers together, the candidates' exact distances ``||w - p||^2`` recomputed from
    the differences in float64 (a gather), the smallest taken, ties to the lowest index (the
    candidates are sorted first and ``argmin`` takes the first minimum).
 
 Exactness: float32 rounding of the expanded product can reorder entries whose distances
 differ by less than about ``(D + 2) u (||w||^2 + ||p||^2)``; step 2 repairs any such reorder
-among the ``REFINE`` candidates. The result equals the float64 brute force unless ``REFINE``
-other entries all come out below the true nearest one in float32, i.e. ``REFINE + 1`` entries
-within that rounding bound of each other. Later exact copies of a pool entry never become
-candidates (a lower index always wins them). On MPS (no float64) step 2 runs in float32.
+among the candidates. The result equals the float64 brute force unless ``REFINE`` other
+entries all come out below the true nearest one in float32, i.e. ``REFINE + 1`` entries
+within that rounding bound of each other (exact ties are no such case when they tie in
+float32 too, e.g. rows equal to zero or to a pool entry: ``argmin`` keeps the lowest).
+Later exact copies of a pool entry never become candidates (a lower index wins them). On
+MPS (no float64) step 2 runs in float32.
 
 Scalar pools (:class:`ScalarPoolSearch`, 1x1 layers): one ``searchsorted`` per layer among
 float32 thresholds, the smallest float32 of each cell, rounded so that a value on a midpoint
@@ -34,8 +38,9 @@ from nws.search import full_precision
 
 # Candidates per row rechecked exactly (step 2 above).
 REFINE = 4
-# Distances per chunk of rows (float32): 2^25 = 128 MiB, 65,536 rows of a 512-entry pool.
-CHUNK_ELEMENTS = 2**25
+# Distances per chunk of rows (float32): 2^26 = 256 MiB, 131,072 rows of a 512-entry pool
+# (ResNet-18's largest layers in two chunks: fewer launches, memory a GPU has to spare).
+CHUNK_ELEMENTS = 2**26
 
 
 def refine_dtype(device: torch.device) -> torch.dtype:
@@ -69,15 +74,18 @@ class VectorPoolsSearch:
         self.table_exact = self.table.to(refine_dtype(self.device))
 
     def _candidates(self, rows: torch.Tensor, layer: int) -> torch.Tensor:
-        """(R, k) int64: the k smallest expanded float32 distances of each row, chunked."""
+        """(R, k + 1) int64 per row: the first column holding the smallest expanded float32
+        distance (``argmin``: the lowest index among exact float32 ties, however many) and
+        the k smallest (``topk``, whose choice among ties is unspecified), chunked."""
         weight, sq = self.weights[layer], self.sq[layer]
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[1])
-        if rows.shape[0] <= chunk:
-            return torch.addmm(sq, rows, weight).topk(self.k, 1, largest=False,
-                                                      sorted=False).indices
-        return torch.cat([torch.addmm(sq, rows[s: s + chunk], weight)
-                          .topk(self.k, 1, largest=False, sorted=False).indices
-                          for s in range(0, rows.shape[0], chunk)])
+        parts = []
+        for s in range(0, rows.shape[0], chunk):
+            dist = torch.addmm(sq, rows if rows.shape[0] <= chunk else rows[s: s + chunk],
+                               weight)
+            top = dist.topk(self.k, 1, largest=False, sorted=False).indices
+            parts.append(torch.cat([dist.argmin(1, keepdim=True), top], 1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     @torch.no_grad()
     def search(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:

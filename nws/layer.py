@@ -74,6 +74,13 @@ class SearchGroup:
         self._vector: dict[tuple, tuple[tuple, VectorPoolsSearch]] = {}
         self._scalar: dict[int, tuple[tuple, ScalarPoolSearch]] = {}
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles keep the members, not the cached tables (rebuilt on use)."""
+        return {"layers": self.layers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["layers"])
+
     @torch.no_grad()
     def search(self, only: Sequence[NWSLayer] | None = None, *, rebuild: bool = False) -> None:
         """Search every full-path member (or ``only`` these layers) for W as it is now;

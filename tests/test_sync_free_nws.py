@@ -63,6 +63,11 @@ def test_full_search_near_ties_and_exact_ties_go_to_the_lowest_index() -> None:
     assert got[0][-5:-3].tolist() == [17, 17] and got[0][-3:].tolist() == [3, 4, 3]
     # (1,..,1) is equally far from entries 0 and 1 and from 2 (== 0): lowest index
     assert torch.equal(got[1], brute(exact, tie_pool)) and got[1].tolist() == [1, 0]
+    # 0 is equally far from all 18 entries +-e_i, far more than the 4 rechecked candidates
+    eye = torch.eye(9)
+    axes = torch.cat([torch.randn(100, 9, generator=g) * 3 + 10, eye, -eye, eye * 2])
+    zero = torch.zeros(3, 9)
+    assert full_index([zero], [axes])[0].tolist() == [100] * 3 == brute(zero, axes).tolist()
     assert set(got[0][: len(near)].tolist()) == {40, 41}  # the walk crosses the bisector
     # float32's expanded distance alone cannot order these rows: the float64 recheck does
     expanded = torch.addmm(pool.pow(2).sum(1), near, pool.t(), alpha=-2).argmin(1)
@@ -276,3 +281,24 @@ def test_cuda_library_init_and_full_search_sync_free() -> None:
             torch.cuda.set_sync_debug_mode(0)
     for layer in nws.nws_layers(model).values():
         assert torch.equal(layer.indices().cpu(), _fresh(layer).cpu())
+
+
+def test_copied_and_pickled_models_search_their_own_weights(tmp_path) -> None:
+    import copy
+
+    model = _small_model("full")
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in nws.nws_layers(twin).values():
+            layer.weight.mul_(-1)
+    torch.save(twin, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for m in (twin, loaded):
+        out = m(x)
+        for layer in nws.nws_layers(m).values():
+            assert torch.equal(layer.last_index(), _fresh(layer))
+        torch.testing.assert_close(out, nws.to_plain(m)(x))
+    for layer in nws.nws_layers(model).values():  # the original is untouched
+        assert torch.equal(layer.last_index(), _fresh(layer))

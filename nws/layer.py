@@ -208,7 +208,7 @@ class NWSLayer(nn.Module):
         self._selected: torch.Tensor | None = None
         self._key: tuple | None = None
         self._index: torch.Tensor | None = None  # full path: pool indices, made when asked
-        self._rank: torch.Tensor | None = None  # full path: table or scalar rank per row
+        self._rank: tuple | None = None  # full path: where its last search put each row
         self._used = True  # the cached K was used by a forward: the next one searches again
 
     @torch.no_grad()
@@ -260,7 +260,7 @@ class NWSLayer(nn.Module):
             self._selected.index_copy_(0, changed, self._searcher.kernels(changed))
         self._key = key
 
-    def _take_full(self, selected: torch.Tensor, rank: torch.Tensor) -> None:
+    def _take_full(self, selected: torch.Tensor, rank: tuple) -> None:
         """Called by :class:`SearchGroup`: the full path's result for the current W."""
         self._searcher = None
         self._selected, self._rank, self._index = selected, rank, None

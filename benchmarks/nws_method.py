@@ -28,6 +28,7 @@ from torch import nn
 import nws
 from baselines.common import FLOAT32, bn_bytes, bn_state, load_inference_state
 from benchmarks import archs
+from benchmarks.device_policy import DevicePolicy
 from benchmarks.method import Breakdown, Fit, Method, TaskInfo
 from benchmarks.protocols import S
 from benchmarks.seeding import generator
@@ -90,9 +91,15 @@ class NWSMethod(Method):
             iters=int(self.opt["kmeans_iters"]), max_points=int(self.opt["kmeans_points"]),
             generator=generator(self.ctx.seed, task, "nws-pools"))
 
+    def _search(self) -> str:
+        """The NWS search path of the run's device policy (full on GPUs, certificates on CPU;
+        ``$NWS_SEARCH`` forces either): the harness's policy when it passes one."""
+        policy = getattr(self.ctx, "policy", None) or DevicePolicy.for_device(self.ctx.device)
+        return policy.search
+
     def _nwsify(self, model: nn.Module, pools: nws.Pools) -> nn.Module:
         return nws.nwsify(model, pools=pools, group_size=int(self.opt["group_size"]),
-                          linear=LINEAR)
+                          linear=LINEAR, search=self._search())
 
     def _first_model(self, task: TaskInfo) -> nn.Module:
         """Task 0: the pretrained model (or a pools file's), head = its first C rows."""

@@ -19,12 +19,13 @@ from nws.convert import (
     nws_layers,
     nwsify,
     random_pools,
+    set_search_path,
     similarity_loss,
     to_plain,
 )
 from nws.ema import ema_update, enable_ema
 from nws.kmeans import kmeans, kmeans_pools
-from nws.layer import NWSConv2d, NWSLayer, NWSLinear
+from nws.layer import NWSConv2d, NWSLayer, NWSLinear, SearchGroup
 from nws.pools_io import (
     PoolsFile,
     import_authors_pools,
@@ -37,17 +38,20 @@ from nws.search import (
     FullSearch,
     ScalarLookup,
     Searcher,
+    ieee_fp32_matmul,
     nearest,
     nearest_index,
+    search_path,
     searcher_for,
 )
 
 __all__ = [
     "Certificates", "FullSearch", "Indices", "NWSConv2d", "NWSLayer", "NWSLinear", "Pools",
-    "PoolsFile", "ScalarLookup", "Searcher",
+    "PoolsFile", "ScalarLookup", "SearchGroup", "Searcher",
     "convertible_layers", "decode_into", "distillation_loss", "ema_update",
-    "empirical_entropy_bits", "enable_ema", "encode", "get_pools", "import_authors_pools",
+    "empirical_entropy_bits", "enable_ema", "encode", "get_pools", "ieee_fp32_matmul",
+    "import_authors_pools",
     "kmeans", "kmeans_pools", "load_pools", "lookup", "nearest", "nearest_index",
     "nws_layers", "nwsify", "pools_file_from_model", "random_pools", "save_pools",
-    "searcher_for", "similarity_loss", "to_plain",
+    "search_path", "searcher_for", "set_search_path", "similarity_loss", "to_plain",
 ]

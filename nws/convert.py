@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nws.layer import NWSConv2d, NWSLayer, NWSLinear
+from nws.layer import NWSConv2d, NWSLayer, NWSLinear, SearchGroup, similarity_sum
+from nws.search import search_path
 
 Pools = dict[str, torch.Tensor]  # layer name -> (n, gs * k * k) pool
 Indices = dict[str, torch.Tensor]  # layer name -> (num_groups,) int64
@@ -42,7 +43,9 @@ def kernel_rows(module: nn.Module, group_size: int = 1) -> torch.Tensor:
 def random_pools(model: nn.Module, pool_size: int = 512, group_size: int = 1,
                  linear: str = "last", generator: torch.Generator | None = None) -> Pools:
     """Pools drawn from N(0, 1), the authors' initialisation before pretraining."""
-    return {n: torch.randn(pool_size, group_dim(m, group_size), generator=generator)
+    device = generator.device if generator is not None else None
+    return {n: torch.randn(pool_size, group_dim(m, group_size), generator=generator,
+                           device=device)
             for n, m in convertible_layers(model, linear).items()}
 
 
@@ -53,12 +56,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def nwsify(model: nn.Module, pool_size: int = 512, group_size: int = 1, *,
            pools: Pools | None = None, linear: str = "last",
-           generator: torch.Generator | None = None) -> nn.Module:
+           generator: torch.Generator | None = None, search: str | None = None) -> nn.Module:
     """Replace convolutions and the last Linear of ``model`` (in place) by NWS layers.
 
     The current weights become the temporary kernels W. ``pools`` (layer name -> (n, dim))
     defaults to N(0, 1) pools of ``pool_size`` entries. The converted Linear loses its bias
-    (a 1x1 convolution without bias, as in the paper). Returns ``model``.
+    (a 1x1 convolution without bias, as in the paper). ``search``: the layers' search path
+    (``"full"``, ``"certificates"``; None: ``$NWS_SEARCH``, else by device, see
+    :class:`~nws.layer.NWSLayer`). The new layers form one :class:`~nws.layer.SearchGroup`
+    (one batched full search per forward). Returns ``model``.
     """
     targets = convertible_layers(model, linear)
     if pools is None:
@@ -66,13 +72,28 @@ def nwsify(model: nn.Module, pool_size: int = 512, group_size: int = 1, *,
     missing = set(targets) - set(pools)
     if missing:
         raise ValueError(f"no pool for layer(s) {sorted(missing)}")
+    layers = []
     for name, mod in targets.items():
         pool = pools[name].to(mod.weight.device)
         if isinstance(mod, nn.Conv2d):
-            layer: NWSLayer = NWSConv2d(mod, pool, group_size)
+            layer: NWSLayer = NWSConv2d(mod, pool, group_size, search)
         else:
-            layer = NWSLinear(mod.weight, pool, group_size)
+            layer = NWSLinear(mod.weight, pool, group_size, search=search)
         _set_module(model, name, layer)
+        layers.append(layer)
+    group = SearchGroup(layers)
+    for layer in layers:
+        layer.search_group = group
+    return model
+
+
+def set_search_path(model: nn.Module, search: str | None) -> nn.Module:
+    """Set the search path of every NWS layer of ``model`` (None: by ``$NWS_SEARCH`` or
+    device). Returns ``model``."""
+    for layer in nws_layers(model).values():
+        if search is not None:
+            search_path(layer.weight.device, search)  # validates the name
+        layer.search_path = search
     return model
 
 
@@ -89,7 +110,7 @@ def similarity_loss(model: nn.Module, beta: float = 1.0) -> torch.Tensor:
     layers = list(nws_layers(model).values())
     if not layers:
         raise ValueError("the model has no NWS layers; call nws.nwsify first")
-    return beta * torch.stack([layer.similarity() for layer in layers]).sum()
+    return similarity_sum(layers, beta)
 
 
 def distillation_loss(model: nn.Module) -> torch.Tensor:

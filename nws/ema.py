@@ -32,9 +32,10 @@ def enable_ema(model: nn.Module) -> None:
 
 @torch.no_grad()
 def ema_update_layer(layer: NWSLayer, decay: float = DECAY, eps: float = EPS) -> None:
-    index = layer.search()
+    index = layer.last_index()  # the assignments of this step's forward
     rows = layer.rows().detach().float()
-    counts = torch.bincount(index, minlength=layer.pool_size).to(rows.dtype)
+    # index_add_, not bincount: bincount's output size depends on the data (a host sync)
+    counts = rows.new_zeros(layer.pool_size).index_add_(0, index, rows.new_ones(len(index)))
     sums = torch.zeros_like(layer.ema_sum).index_add_(0, index, rows)
     layer.ema_size.mul_(decay).add_(counts, alpha=1 - decay)
     layer.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)

@@ -15,17 +15,24 @@ def kmeans(points: torch.Tensor, k: int, *, iters: int = 20, max_points: int | N
     """Lloyd's k-means of ``points`` (m, D) into ``k`` centroids, deterministic given
     ``generator``. Fits on at most ``max_points`` rows drawn without replacement. Empty
     clusters move to the points farthest from their centroid. With fewer distinct points
-    than ``k``, the remaining centroids are drawn from N(mean, std) of the points."""
+    than ``k``, the remaining centroids are drawn from N(mean, std) of the points.
+    ``points`` may live on any device; random draws come from ``generator`` on its own
+    device (CPU by default) and are moved to the points', so a seed gives the same
+    centroids wherever the points are."""
     points = points.detach().float()
+    device = points.device
+    rng = generator.device if generator is not None else torch.device("cpu")
     if max_points is not None and len(points) > max_points:
-        points = points[torch.randperm(len(points), generator=generator)[:max_points]]
+        points = points[torch.randperm(len(points), generator=generator, device=rng)
+                        [:max_points].to(device)]
     distinct = torch.unique(points, dim=0)
     if len(distinct) <= k:
         extra = k - len(distinct)
-        std = points.std(0) if len(points) > 1 else torch.ones(points.shape[1])
-        fill = points.mean(0) + std * torch.randn(extra, points.shape[1], generator=generator)
-        return torch.cat([distinct, fill])
-    centroids = distinct[torch.randperm(len(distinct), generator=generator)[:k]].clone()
+        std = points.std(0) if len(points) > 1 else points.new_ones(points.shape[1])
+        noise = torch.randn(extra, points.shape[1], generator=generator, device=rng)
+        return torch.cat([distinct, points.mean(0) + std * noise.to(device)])
+    pick = torch.randperm(len(distinct), generator=generator, device=rng)[:k].to(device)
+    centroids = distinct[pick].clone()
     for _ in range(iters):
         index = nearest_index(points, centroids)
         counts = torch.bincount(index, minlength=k)

@@ -81,13 +81,16 @@ class PretrainConfig:
 
 
 def init_nws_model(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
-    """Kaiming-normal temporary kernels and N(0, 1) pools (authors' initialisation)."""
+    """Kaiming-normal temporary kernels and N(0, 1) pools (authors' initialisation).
+
+    The draws come from a CPU generator seeded by ``cfg.seed`` and are then moved to each
+    weight's device: the same initialisation for a model on CPU or CUDA."""
     g = torch.Generator().manual_seed(cfg.seed)
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             with torch.no_grad():
-                m.weight.copy_(torch.empty_like(m.weight).normal_(generator=g)
-                               * math.sqrt(2.0 / m.weight[0].numel()))
+                noise = torch.randn(m.weight.shape, generator=g)
+                m.weight.copy_(noise.to(m.weight.device) * math.sqrt(2.0 / m.weight[0].numel()))
     nwsify(model, cfg.pool_size, cfg.group_size, generator=g)
     if cfg.rule == "ema":
         enable_ema(model)

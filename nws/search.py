@@ -21,13 +21,18 @@ A layer searches through :func:`searcher_for` (the contract: :class:`Searcher`):
   cross it).
 - :class:`ScalarLookup` (1x1 layers: scalar pools) looks every row up in a table of cells.
 
-Searches run in float32 even inside an autocast (AMP) region: see :func:`full_precision`.
+This is the ``certificates`` path (the CPU default); :mod:`nws.full_search` is the ``full``
+path (sync-free, every row every step: the default elsewhere), chosen by :func:`search_path`.
+Searches run in IEEE float32 even inside an autocast (AMP) region or with TF32 enabled: see
+:func:`full_precision`.
 On CPU the searches and the certificates' check run as compiled loops where they build
 (:mod:`nws.cpu_kernels`); the eager code here is their reference, and the tests run both.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,19 +45,77 @@ from nws.cpu_kernels import kernels_for
 CHUNK_ROWS = 2048
 
 
+SEARCH_ENV = "NWS_SEARCH"
+SEARCH_PATHS = ("full", "certificates")
+
+
+def search_path(device: torch.device, explicit: str | None = None) -> str:
+    """The search a layer on ``device`` runs: ``explicit`` when given, else ``$NWS_SEARCH``,
+    else ``"certificates"`` on CPU (incremental, compiled loops) and ``"full"`` elsewhere (the
+    sync-free exact search of :mod:`nws.full_search`). Raises ValueError on another name."""
+    chosen = explicit or os.environ.get(SEARCH_ENV, "").strip()
+    if not chosen:
+        return "certificates" if device.type == "cpu" else "full"
+    if chosen not in SEARCH_PATHS:
+        raise ValueError(f"NWS search {chosen!r} (argument or ${SEARCH_ENV}); valid: "
+                         f"{', '.join(SEARCH_PATHS)}")
+    return chosen
+
+
+# The float32 matmul precision flags a search forces to IEEE: (namespace, legacy TF32 flag).
+_PRECISION_FLAGS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+
+
+def _flag_spaces() -> list[tuple[object, str]]:
+    """(object, attribute) of every matmul precision flag this torch has: the new
+    ``fp32_precision`` where present, else CUDA's legacy ``allow_tf32``."""
+    spaces = []
+    for backend, op in _PRECISION_FLAGS:
+        space = getattr(getattr(torch.backends, backend, None), op, None)
+        if space is None:
+            continue
+        if hasattr(space, "fp32_precision"):
+            spaces.append((space, "fp32_precision"))
+        elif backend == "cuda":
+            spaces.append((space, "allow_tf32"))
+    return spaces
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """Float32 products in IEEE precision inside, the user's flags restored after.
+
+    Sets each matmul precision flag through the API this torch has (``fp32_precision =
+    "ieee"``; ``allow_tf32 = False`` on torch without it) and puts back the value read: the
+    new flag reads back whatever the user set through either API (also
+    ``torch.backends.fp32_precision`` and ``torch.set_float32_matmul_precision``), and the
+    legacy flag is never read where it would raise. Host-side only: no device work.
+    """
+    saved = [(space, name, getattr(space, name)) for space, name in _flag_spaces()]
+    try:
+        for space, name, _ in saved:
+            setattr(space, name, "ieee" if name == "fp32_precision" else False)
+        yield
+    finally:
+        for space, name, value in reversed(saved):
+            setattr(space, name, value)
+
+
+@contextlib.contextmanager
 def full_precision(device: torch.device):
-    """A context in which products are float32: autocast (bf16/fp16 AMP) off for ``device``.
+    """A context in which products are exact IEEE float32: autocast (bf16/fp16 AMP) off for
+    ``device`` and TF32 (or CPU bf16) matmuls off (:func:`ieee_fp32_matmul`).
 
     The search runs inside the forward pass, so under AMP its products would otherwise be
     bf16 and neither the argmin nor the certificates would be exact.
     """
-    return torch.autocast(device_type=device.type, enabled=False)
+    with torch.autocast(device_type=device.type, enabled=False), ieee_fp32_matmul():
+        yield
 
 
 def matmul_eps(device: torch.device) -> float:
-    """Unit roundoff bound of a float32 product on ``device`` (TF32 when CUDA allows it)."""
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0**-10
+    """Unit roundoff bound of a float32 product on ``device``: IEEE float32, because every
+    search product runs inside :func:`full_precision`."""
     return float(torch.finfo(torch.float32).eps)
 
 

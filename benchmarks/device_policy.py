@@ -22,15 +22,16 @@ Defaults (decided here, measured where said):
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 
-SEARCH_ENV = "NWS_SEARCH"
+from nws.search import SEARCH_ENV, SEARCH_PATHS, search_path
+
 SearchPath = Literal["full", "certificates"]
-SEARCH_PATHS: tuple[str, ...] = ("full", "certificates")
+__all__ = ["SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy", "compile_mode", "compile_options",
+           "default_search", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,13 +42,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_search(device: torch.device) -> SearchPath:
-    """``$NWS_SEARCH`` when set, else certificates on CPU and the full search elsewhere."""
-    forced = os.environ.get(SEARCH_ENV, "").strip()
-    if forced:
-        if forced not in SEARCH_PATHS:
-            raise ValueError(f"{SEARCH_ENV}={forced!r}; valid: {', '.join(SEARCH_PATHS)}")
-        return forced  # type: ignore[return-value]
-    return "certificates" if device.type == "cpu" else "full"
+    """``$NWS_SEARCH`` when set, else certificates on CPU and the full search elsewhere (the
+    NWS library's own rule, :func:`nws.search.search_path`)."""
+    return search_path(device)  # type: ignore[return-value]
 
 
 def compile_mode(device: torch.device) -> str:

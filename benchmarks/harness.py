@@ -74,6 +74,9 @@ class RunConfig:
     # torch.compile of the training step (DevicePolicy decides the mode); not part of the
     # run's identity: the same numerics up to floating-point reordering.
     compile: bool = False
+    # The NWS search path (full | certificates); None: the device's default (DevicePolicy).
+    # Not part of the identity: both are the exact nearest entry, ties to the lowest index.
+    search: str | None = None
     # When a training phase writes its checkpoint: epochs ("5") or a time ("10m"); the last
     # epoch of a phase always. Not part of the run's identity: it never changes results.
     checkpoint_every: str = DEFAULT_CHECKPOINT_EVERY
@@ -151,6 +154,13 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
             f"{folder} was started on a {was} device and this command runs on {now}: resuming "
             f"would mix two numerics in one result. Resume it with --device {was}, or start "
             f"afresh on {now} with another --out (or delete that folder)")
+    for key in sorted(set(previous) | set(identity)):
+        if key.startswith("policy_") and previous.get(key) != identity.get(key):
+            flag = key.removeprefix("policy_")
+            raise RunConflictError(
+                f"{folder} was started with --{flag} {previous.get(key)} and this command uses "
+                f"{identity.get(key)}: resuming would mix the two in one result. Resume it "
+                f"with --{flag} {previous.get(key)}, or start afresh with another --out")
     if previous != identity:
         raise RunConflictError(
             f"{folder} holds a run with another configuration; choose another --out, or "
@@ -181,15 +191,16 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     protocol = resolve_protocol(cfg.protocol, cfg.benchmark)
     if cfg.protocol_overrides:
         protocol = protocol.with_overrides(**cfg.protocol_overrides)
+    policy = DevicePolicy.for_device(device, compile=cfg.compile, search=cfg.search)
     ctx = MethodContext(cfg.arch, cfg.benchmark, tasks, protocol, device, cfg.seed,
-                        pretrained, options)
+                        pretrained, options, policy)
     method = method_cls(ctx)
     protocol = method.adjust_protocol(protocol)
     ctx.protocol = protocol
 
     every = CheckpointPolicy.parse(cfg.checkpoint_every)
-    policy = DevicePolicy.for_device(device, compile=cfg.compile)
     identity = run_identity(cfg, protocol, options, pretrained_source, device)
+    identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
     with RunLock(results.dir):  # one writer per run folder, for the run's life

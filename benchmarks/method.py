@@ -43,6 +43,9 @@ class MethodContext:
     seed: int
     pretrained: Any  # benchmarks.archs.Pretrained
     options: dict[str, Any] = field(default_factory=dict)
+    # How the run uses its device (benchmarks.device_policy.DevicePolicy); None outside the
+    # harness: a method then asks DevicePolicy.for_device(device).
+    policy: Any = None
 
 
 # fit(model, protocol, phase) trains ``model`` on the current task's data with the harness
@@ -56,6 +59,9 @@ class Method(ABC):
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {"default": {}}
     # False when the method applies weight decay itself (PackNet).
     optimizer_weight_decay: ClassVar[bool] = True
+    # The DevicePolicy fields whose choice can change this method's results: they join the
+    # run identity, so a resume under another choice is refused (NWS: the search path).
+    policy_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx

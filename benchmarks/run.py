@@ -98,6 +98,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="phase checkpoints under DIR/<run id>/ (e.g. node-local scratch; "
                         "default: the run folder's checkpoints/)")
+    r.add_argument("--search", choices=("full", "certificates"), default=None,
+                   help="NWS search path (default: certificates on CPU, full elsewhere; "
+                        "$NWS_SEARCH); both exact, so results do not depend on it")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (CUDA graphs on CUDA); off by default "
                         "until measured on a GPU (README: On a GPU)")
@@ -164,7 +167,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         # bars only on a terminal (tqdm writes to stderr); in logs one line per epoch
         progress=not args.no_progress and sys.stderr.isatty(),
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
-        compile=args.compile,
+        compile=args.compile, search=args.search,
     )
     options = _pairs(args.opt, "--opt")
     return [RunConfig(method=name, seed=seed, method_options={

@@ -107,3 +107,21 @@ def test_smallest_input_size_per_arch(arch, size):
     if size > 1:
         with pytest.raises(archs.InputTooSmallError):
             archs.check_input_size(arch, size - 1)
+
+
+def test_the_search_path_is_recorded_and_kept_on_resume(tmp_path, capsys):
+    """--search picks the NWS search path (env.json, run identity); a resume under the other
+    path is refused (they differ on float32 near ties), not silently mixed."""
+    import json
+
+    args = ["--method", "nws", "--benchmark", "split_digits", "--protocol", "smoke",
+            "--tasks", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main([*args, "--search", "full"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "env.json").read_text())["device_policy"]["search"] == "full"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["identity"]["policy_search"] == "full"
+    capsys.readouterr()
+    assert main([*args, "--search", "certificates"]) == 2
+    assert "--search full" in capsys.readouterr().err
+    assert main([*args, "--search", "full"]) == 0  # the same path resumes (nothing to do)

@@ -173,9 +173,10 @@ def memory_growth(runs: list[Run], benchmark: str, arch: str, out: Path, name: s
         sns.scatterplot(measured, x="tasks", y="MiB", hue="method", palette=palette,
                         ax=axes[0], marker="x", s=12, legend=False)
     shown = [m for m in methods if m in set(df.method) | set(variants.method)]
-    axes[0].legend([Line2D([], [], color=palette[m], linewidth=1,
-                           linestyle="--" if m in VARIANTS else "-") for m in shown],
-                   [display_label(m) for m in shown], fontsize=5)
+    fig.legend([Line2D([], [], color=palette[m], linewidth=1,
+                       linestyle="--" if m in VARIANTS else "-") for m in shown],
+               [display_label(m, short=True) for m in shown], fontsize=5,
+               loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"Memory growth, {benchmark}, {arch} (x: measured in runs; dashed: the "
                  "suite's extensions, measured)", fontsize=7, y=1.04)
     return _save(fig, out, name)

@@ -38,13 +38,14 @@ PAPER_POOL_SIZE = 512  # paper §4.3: n^l = 512 kernels per pool
 class Variant:
     method: str  # the registered method
     options: dict[str, Any]  # the run options that make a run this variant
-    label: str  # how tables and figures name it
+    label: str  # how tables name it
+    short: str  # how figure legends name it
 
 
 VARIANTS: dict[str, Variant] = {
     "nws-delta": Variant("nws", {"codec": "delta"},
                          "nws-delta (suite's extension: task indices as lossless deltas, "
-                         "not the paper's method)"),
+                         "not the paper's method)", "nws-delta (suite's extension)"),
 }
 
 
@@ -63,9 +64,11 @@ def variants_beside(methods: list[str]) -> list[str]:
     return out
 
 
-def display_label(method: str) -> str:
-    """A method's label in legends and table rows (variants say they are extensions)."""
-    return VARIANTS[method].label if method in VARIANTS else method
+def display_label(method: str, short: bool = False) -> str:
+    """A method's label in table rows (``short``: in legends); variants say they are the
+    suite's extensions."""
+    v = VARIANTS.get(method)
+    return method if v is None else v.short if short else v.label
 
 
 @dataclass

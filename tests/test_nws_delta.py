@@ -151,3 +151,45 @@ def test_bad_options_and_the_formula_say_what_to_do() -> None:
         NWSMethod.memory_formula("resnet18", [2, 2], NWSMethod.resolve_options(
             "split_digits", {"codec": "delta"}))
     assert math.isfinite(NWSMethod.memory_formula("resnet18", [2], {}).total())
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_delta_task_resumes_from_the_chain(tmp_path, monkeypatch) -> None:
+    """Killed while learning task 2: the resumed run starts task 2 from task 1 decoded from
+    the chain (no in-process cache) and ends bit-identical to an uninterrupted run."""
+    from benchmarks import training
+    from benchmarks.harness import RunConfig, run
+    from benchmarks.results import load_rows
+
+    def config(out) -> RunConfig:
+        return RunConfig(method="nws", benchmark="synthetic", protocol="smoke", out=str(out),
+                         progress=False, num_tasks=3, deterministic=True,
+                         benchmark_options={"n_train": 8, "n_test": 4, "size": 16},
+                         method_options={"codec": "delta", "pool_size": 16,
+                                         "kmeans_points": 1024, "kmeans_iters": 1})
+
+    def blobs(folder) -> dict:
+        store = ArtifactStore(folder / "artifacts")
+        return {(t, n): store.get_bytes(n, t) for t in store.tasks() for n in store.names(t)}
+
+    whole = run(config(tmp_path / "whole"))
+    rows = load_rows(whole)
+    steps = rows[rows.metric == "train_steps"].sort_values("task").value.astype(int).tolist()
+    step, calls = training.Trainer.step, [0]
+
+    def counted(self, x, y):
+        calls[0] += 1
+        if calls[0] > steps[0] + steps[1]:
+            raise KeyboardInterrupt  # killed inside task 2
+        return step(self, x, y)
+
+    monkeypatch.setattr(training.Trainer, "step", counted)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "resumed"))
+    monkeypatch.setattr(training.Trainer, "step", step)
+    resumed = next((tmp_path / "resumed").iterdir())
+    assert ArtifactStore(resumed / "artifacts").tasks() == [0, 1]
+    nws_method._decoded.clear()
+    run(config(tmp_path / "resumed"))
+    assert blobs(whole) == blobs(resumed)
+    assert ArtifactStore(resumed / "artifacts").info("indices", 2).codec == "nws-delta"

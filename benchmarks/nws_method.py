@@ -348,6 +348,10 @@ def _cache_key(store: ArtifactStore, chain: list[tuple[int, Any]]) -> tuple[str,
 
 
 def _broken(store: ArtifactStore, task: int, missing: int, why: str) -> BrokenChainError:
+    if missing == task:
+        return BrokenChainError(f"artifact store {store.root}: task {task}'s indices are "
+                                f"listed, but {why}; restore it from a copy of the store, or "
+                                "delete the run folder and run again.")
     return BrokenChainError(
         f"artifact store {store.root}: task {task}'s indices are delta-coded, and decoding "
         f"them needs task {missing}'s indices, but {why} (the store is truncated mid-chain). "

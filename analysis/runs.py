@@ -38,8 +38,8 @@ PAPER_POOL_SIZE = 512  # paper §4.3: n^l = 512 kernels per pool
 class Variant:
     method: str  # the registered method
     options: dict[str, Any]  # the run options that make a run this variant
-    label: str  # how tables name it
-    short: str  # how figure legends name it
+    label: str  # its description in table notes
+    short: str  # its name in table rows and figure legends
 
 
 VARIANTS: dict[str, Variant] = {
@@ -65,7 +65,7 @@ def variants_beside(methods: list[str]) -> list[str]:
 
 
 def display_label(method: str, short: bool = False) -> str:
-    """A method's label in table rows (``short``: in legends); variants say they are the
+    """A method's description (``short``: its row and legend label); variants say they are the
     suite's extensions."""
     v = VARIANTS.get(method)
     return method if v is None else v.short if short else v.label

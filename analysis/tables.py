@@ -234,7 +234,7 @@ def _summary_row(g: Group, method: str, arch: str, label: str) -> tuple[list[str
 def table1(g: Group) -> Table:
     cells, records, notes = [], [], []
     for method in variants_beside(_methods(g, PAPER_ARCH)):
-        c, r = _summary_row(g, method, PAPER_ARCH, display_label(method))
+        c, r = _summary_row(g, method, PAPER_ARCH, display_label(method, short=True))
         cells.append(c)
         records.append(r)
         notes += g.missing(method, PAPER_ARCH)

@@ -10,7 +10,8 @@ For every (benchmark, protocol) with runs:
   sparsity (Eq. 5, strict <), mean over seeds: the paper's Figure 4 (CUB-to-Sketches). Needs
   NWS runs with their artifact stores.
 - ``memory_growth_<b>``: total MiB against tasks learned, stored and paper convention
-  (analytic), with the stored bytes measured in each run as markers.
+  (analytic), with the stored bytes measured in each run as markers; the suite's extensions
+  (``nws-delta``: NWS with its indices stored as deltas) as dashed measured lines.
 - ``accuracy_matrix_<b>_<p>``: R[i][j] per method (mean over seeds).
 
 Each title names the benchmark, protocol and seeds; what cannot be drawn is reported.
@@ -27,10 +28,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.lines import Line2D
 
 from analysis.memory import growth, memory_report, mib
 from analysis.metrics import accuracy_matrix, final_accuracies, layer_stats
-from analysis.runs import Run, load_runs, pool_size, results_parser, select, task_streams
+from analysis.runs import (
+    VARIANTS,
+    Run,
+    display_label,
+    load_runs,
+    pool_size,
+    results_parser,
+    select,
+    task_streams,
+    variants_beside,
+)
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
 FORMATS = ("png", "pdf")
@@ -79,10 +91,15 @@ def figure3(runs: list[Run], out: Path, name: str) -> list[Path]:
     return _save(fig, out, name)
 
 
+def _nws_runs(runs: list[Run]) -> list[Run]:
+    """NWS runs under any codec (nws-delta's stores hold the same indices)."""
+    return [r for r in runs if r.registered_method == "nws"]
+
+
 def kernel_frame(runs: list[Run]) -> pd.DataFrame:
     """KUR and layer sparsity per (seed, task, layer) of every NWS run with a store."""
     parts = []
-    for r in select(runs, method="nws"):
+    for r in {r.seed: r for r in reversed(_nws_runs(runs))}.values():  # one per seed
         streams = task_streams(r, "task_indices")
         n = pool_size(r) if streams else 0
         for t, layers in streams.items():
@@ -113,13 +130,16 @@ def figure4(runs: list[Run], out: Path, name: str) -> list[Path]:
         ax.collections[0].colorbar.ax.tick_params(labelsize=5)
         ax.grid(False)
     seeds = sorted(df.seed.unique())
-    fig.suptitle(f"NWS kernels: {_describe(select(runs, method='nws'))} "
+    fig.suptitle(f"NWS kernels: {_describe(_nws_runs(runs))} "
                  f"(mean of {len(seeds)} seed(s))", fontsize=7)
     return _save(fig, out, name)
 
 
 def memory_growth(runs: list[Run], benchmark: str, arch: str, out: Path, name: str,
                   results: Path) -> list[Path]:
+    """Lines: each method's analytic memory (stored, paper convention); x: the stored bytes
+    measured in runs. Variants (the suite's extensions, e.g. nws-delta) have no analytic
+    formula: their measured stores, mean over seeds, are drawn dashed in the stored panel."""
     try:
         report = memory_report(benchmark, arch, results=results)
     except KeyError:
@@ -132,20 +152,33 @@ def memory_growth(runs: list[Run], benchmark: str, arch: str, out: Path, name: s
     df = pd.DataFrame(rows)
     if df.empty:
         return []
+    measured = pd.DataFrame([{"method": r.method, "tasks": int(row.after_task) + 1,
+                              "MiB": mib(row.value)}
+                             for r in select(runs, arch=arch)
+                             for row in r.rows[r.rows.metric == "store_bytes"].itertuples()],
+                            columns=["method", "tasks", "MiB"])
+    methods = variants_beside(list(dict.fromkeys([*df.method, *measured.method])))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods)), strict=True))
     fig, axes = plt.subplots(1, 2, figsize=(COLUMN_WIDTH * 1.4, 2.2), sharey=True)
     for ax, conv in zip(axes, ("stored", "paper convention"), strict=True):
         sns.lineplot(df[df.convention == conv], x="tasks", y="MiB", hue="method", ax=ax,
-                     linewidth=1, legend=conv == "stored")
+                     palette=palette, linewidth=1, legend=False)
         ax.set(yscale="log", title=f"{conv} (analytic)", xlabel="tasks learned")
-    measured = [{"method": r.method, "tasks": int(row.after_task) + 1, "MiB": mib(row.value)}
-                for r in select(runs, arch=arch)
-                for row in r.rows[r.rows.metric == "store_bytes"].itertuples()]
-    if measured:
-        sns.scatterplot(pd.DataFrame(measured), x="tasks", y="MiB", hue="method", ax=axes[0],
-                        marker="x", s=12, legend=False)
-    axes[0].legend(fontsize=5)
-    fig.suptitle(f"Memory growth, {benchmark}, {arch} (x: measured in runs)", fontsize=7,
-                 y=1.04)
+    variants = measured[measured.method.isin(VARIANTS)]
+    if len(variants):
+        sns.lineplot(variants.groupby(["method", "tasks"], as_index=False).MiB.mean(),
+                     x="tasks", y="MiB", hue="method", palette=palette, ax=axes[0],
+                     linewidth=1, linestyle="--", legend=False)
+    if len(measured):
+        sns.scatterplot(measured, x="tasks", y="MiB", hue="method", palette=palette,
+                        ax=axes[0], marker="x", s=12, legend=False)
+    shown = [m for m in methods if m in set(df.method) | set(variants.method)]
+    fig.legend([Line2D([], [], color=palette[m], linewidth=1,
+                       linestyle="--" if m in VARIANTS else "-") for m in shown],
+               [display_label(m, short=True) for m in shown], fontsize=5,
+               loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(f"Memory growth, {benchmark}, {arch} (x: measured in runs; dashed: the "
+                 "suite's extensions, measured)", fontsize=7, y=1.04)
     return _save(fig, out, name)
 
 
@@ -195,7 +228,7 @@ def build_figures(results: str | Path, out: str | Path, benchmark: str | None = 
             fig4 = figure4(group, out, f"fig4_{tag}")
             if not fig4:
                 messages.append(f"fig4_{tag}: no NWS run with an artifact store "
-                                f"({len(select(group, method='nws'))} NWS run(s)): not drawn")
+                                f"({len(_nws_runs(group))} NWS run(s)): not drawn")
             files += fig4
     return files, messages
 

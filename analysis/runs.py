@@ -7,6 +7,11 @@ looked up by name so that a method without them still works everywhere else:
 - ``task_indices(store, task) -> {layer: int array}`` (NWS): the pool indices of a task.
 - ``pool_size(store) -> int`` or an int attribute, or the run option ``pool_size`` (NWS).
 - ``task_codes(store, task) -> {layer: int array}`` (AQD): the 2-bit weight codes of a task.
+
+Variants: a run of a registered method with options that make it the suite's own extension
+(:data:`VARIANTS`, e.g. NWS with ``codec=delta``) is shown under the variant's name
+(``nws-delta``) in every table and figure, never pooled with the method's own runs; its
+method hooks are still the registered method's (:attr:`Run.registered_method`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,43 @@ from benchmarks.store import ArtifactStore
 PAPER_POOL_SIZE = 512  # paper §4.3: n^l = 512 kernels per pool
 
 
+@dataclass(frozen=True)
+class Variant:
+    method: str  # the registered method
+    options: dict[str, Any]  # the run options that make a run this variant
+    label: str  # its description in table notes
+    short: str  # its name in table rows and figure legends
+
+
+VARIANTS: dict[str, Variant] = {
+    "nws-delta": Variant("nws", {"codec": "delta"},
+                         "nws-delta (suite's extension: task indices as lossless deltas, "
+                         "not the paper's method)", "nws-delta (suite's extension)"),
+}
+
+
+def variant_of(method: str, options: dict[str, Any]) -> str:
+    """The name a run is shown under: a variant's, else its method's."""
+    return next((name for name, v in VARIANTS.items() if v.method == method
+                 and all(options.get(k) == x for k, x in v.options.items())), method)
+
+
+def variants_beside(methods: list[str]) -> list[str]:
+    """``methods`` with each variant moved right after its registered method."""
+    out = [m for m in methods if m not in VARIANTS]
+    for name in (m for m in methods if m in VARIANTS):
+        base = VARIANTS[name].method
+        out.insert(out.index(base) + 1 if base in out else len(out), name)
+    return out
+
+
+def display_label(method: str, short: bool = False) -> str:
+    """A method's description (``short``: its row and legend label); variants say they are the
+    suite's extensions."""
+    v = VARIANTS.get(method)
+    return method if v is None else v.short if short else v.label
+
+
 @dataclass
 class Run:
     dir: Path
@@ -45,6 +87,11 @@ class Run:
     @property
     def method(self) -> str:
         return str(self._first("method"))
+
+    @property
+    def registered_method(self) -> str:
+        """The method class behind the run (a variant's own method; see module doc)."""
+        return VARIANTS[self.method].method if self.method in VARIANTS else self.method
 
     @property
     def benchmark(self) -> str:
@@ -100,6 +147,8 @@ def load_runs(results: str | Path) -> list[Run]:
             continue
         cfg_path = f.parent / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+        options = (cfg or {}).get("identity", {}).get("options", {})
+        rows["method"] = [variant_of(m, options) for m in rows["method"]]
         runs.append(Run(f.parent, rows, cfg))
     return runs
 
@@ -126,7 +175,7 @@ def method_hook(method: str, hook: str) -> Callable[..., Any] | int | None:
 
 def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:
     """Per task, the integer streams the method's ``hook`` reads from the run's store."""
-    fn = method_hook(run.method, hook)
+    fn = method_hook(run.registered_method, hook)
     store = run.store() if callable(fn) else None
     if store is None:
         return {}
@@ -134,7 +183,7 @@ def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:
 
 
 def pool_size(run: Run) -> int:
-    hook = method_hook(run.method, "pool_size")
+    hook = method_hook(run.registered_method, "pool_size")
     store = run.store()
     if callable(hook) and store is not None:
         return int(hook(store))

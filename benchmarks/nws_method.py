@@ -12,13 +12,23 @@ The pools are stored with task 0, in the shared scope; later tasks read them fro
 
 Task t > 0 starts from task t-1 as stored (Algorithm 1 line 3: W_t = lookup(C_{t-1}), BN of
 t-1, head rows kept or extended with kaiming rows). Stored per task: the indices (codec
-``fixed``: 9-bit packing, the default, or ``entropy``: per-layer rANS), all BN layers
-(float32 affine + running stats) and conv biases if the architecture has any. Evaluation
-builds the plain architecture from those; there is no search at inference.
+``fixed``: 9-bit packing, the default, ``entropy``: per-layer rANS, or ``delta``: see below),
+all BN layers (float32 affine + running stats) and conv biases if the architecture has any.
+Evaluation builds the plain architecture from those; there is no search at inference.
+
+Codec ``delta`` (the suite's extension, not the paper's method): task 0, and every task t
+with t % ``keyframe_every`` == 0 when that option is set (key frames), is stored with the
+``fixed`` codec; every other task as its changes against task t-1's indices
+(:func:`nws.codec.encode_delta`, blob codec ``nws-delta``, meta ``base``). Reading task t
+decodes the chain from its key frame; decoded tasks are kept in an in-process cache (up to
+``DECODED_CACHE_BYTES``, keyed by the blobs' files), so reading tasks 0..t in order decodes
+each task once. A chain with a task missing raises :class:`BrokenChainError` naming it.
+Each blob says how it is coded, so readers need no run options.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,6 +49,25 @@ from nws.bitpack import bits_for, packed_nbytes
 CODE = "authors' code"
 POOLS, INDICES, BN, BIAS = "pools", "indices", "bn", "bias"
 LINEAR = "last"  # the classifier is the only Linear converted (paper §4.3)
+DELTA_BLOB = f"nws-{codec.DELTA}"
+# Decoded tasks kept per process, compactly (int16 for pools up to 32768 entries: ResNet-18
+# 2.7 MiB a task), least recently used dropped first beyond this many bytes.
+DECODED_CACHE_BYTES = 256 * 2**20
+_decoded: OrderedDict[tuple[str, tuple[str, ...]], list[np.ndarray]] = OrderedDict()
+
+
+class BrokenChainError(ValueError):
+    """A delta-coded task whose chain back to its key frame lacks a task's indices."""
+
+
+def keyframe_interval(value: Any) -> int | None:
+    """The ``keyframe_every`` option: None (also "none" or 0) = only task 0, else k >= 1."""
+    if value is None or value == 0 or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"option keyframe_every={value!r}: give a whole number >= 1 (a key "
+                         "frame every k tasks) or none (only task 0)")
+    return value
 
 
 def _plain_model(arch: str, num_classes: int) -> nn.Module:
@@ -75,13 +104,22 @@ class NWSMethod(Method):
             "group_size": S(1, "paper §4.1: one group = one k x k kernel"),
             "pools": S("auto", "ours: k-means of the pretrained model, or of the task-0 model "
                        "without pretraining; a pools file or authors:PATH also work"),
-            "codec": S("fixed", "ours: 9-bit packing (exact analytic size); 'entropy' = rANS"),
+            "codec": S("fixed", "ours: 9-bit packing (exact analytic size); 'entropy' = rANS; "
+                       "'delta' = changes against the previous task (the suite's extension)"),
+            "keyframe_every": S(None, "ours: with codec=delta, store every k-th task whole "
+                                "(none: only task 0)"),
             "kmeans_iters": S(20, "ours"),
             "kmeans_points": S(65536, "ours: kernels sampled per layer to fit k-means"),
         },
         "split_cifar100": {"beta": S(0.5, CODE)},
         "cub_to_sketches": {"beta": S(0.1, CODE)},
     }
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        if self.opt["codec"] not in codec.TASK_CODECS:
+            raise ValueError(f"option codec={self.opt['codec']!r}: valid {codec.TASK_CODECS}")
+        self.keyframe_every = keyframe_interval(self.opt.get("keyframe_every"))
 
     # -- pools -------------------------------------------------------------------------------
     def _pools_source(self) -> str:
@@ -175,10 +213,22 @@ class NWSMethod(Method):
             raise RuntimeError("save_task got a model without NWS layers")
         n = int(self.opt["pool_size"])
         indices = [layer.indices().cpu().numpy() for layer in layers.values()]
-        tx.put(INDICES, codec.encode(indices, n, self.opt["codec"]), task=task.index,
-               codec=f"nws-{self.opt['codec']}",
-               meta={"pool_size": n, "layers": [[k, len(a)] for k, a in
-                                                zip(layers, indices, strict=True)]})
+        meta = {"pool_size": n, "layers": [[k, len(a)] for k, a in
+                                           zip(layers, indices, strict=True)]}
+        name = self.opt["codec"]
+        if name == codec.DELTA and self._is_keyframe(task.index):
+            name = "fixed"
+        if name == codec.DELTA:
+            base = task.index - 1
+            prev = self.task_indices(tx.store, base)
+            if list(prev) != list(layers):
+                raise ValueError(f"task {task.index} has layers {list(layers)}, task {base} "
+                                 f"{list(prev)}: a delta needs the same layers")
+            data = codec.encode_delta(indices, list(prev.values()), n)
+            meta["base"] = base
+        else:
+            data = codec.encode(indices, n, name)
+        tx.put(INDICES, data, task=task.index, codec=f"nws-{name}", meta=meta)
         tx.put_tensors(BN, bn_state(model), task=task.index)
         biases = {f"{k}.bias": m.bias.detach() for k, m in layers.items() if m.bias is not None}
         if biases:
@@ -206,40 +256,77 @@ class NWSMethod(Method):
     def stored_pools(store: ArtifactStore) -> nws.Pools:
         return store.get_tensors(POOLS, None)
 
+    def _is_keyframe(self, task: int) -> bool:
+        return task == 0 or (self.keyframe_every is not None and task % self.keyframe_every == 0)
+
     @staticmethod
     def task_indices(store: ArtifactStore, task: int) -> dict[str, np.ndarray]:
-        """Layer name -> the task's indices (int64, out-major then input channel)."""
-        info = store.info(INDICES, task)
-        names, counts = zip(*info.meta["layers"], strict=True)
-        arrays = codec.decode(store.get_bytes(INDICES, task), list(counts),
-                              int(info.meta["pool_size"]), info.codec.removeprefix("nws-"))
-        return dict(zip(names, arrays, strict=True))
+        """Layer name -> the task's indices (int64, out-major then input channel). A
+        delta-coded task is decoded from its key frame on (see the module docstring);
+        raises :class:`BrokenChainError` when a task of that chain is missing."""
+        chain = _chain(store, task)
+        layers, start = None, 0
+        for i in range(len(chain), 0, -1):  # the longest decoded prefix of the chain
+            key = _cache_key(store, chain[:i])
+            if key in _decoded:
+                _decoded.move_to_end(key)
+                layers, start = _decoded[key], i
+                break
+        for i in range(start, len(chain)):
+            t, info = chain[i]
+            try:
+                data = store.get_bytes(INDICES, t)
+            except FileNotFoundError as err:
+                raise _broken(store, task, t, f"its file {err.filename} is missing") from None
+            counts, n = [c for _, c in info.meta["layers"]], int(info.meta["pool_size"])
+            if info.codec == DELTA_BLOB:
+                layers = codec.decode_delta(data, counts, layers, n)
+            else:
+                layers = codec.decode(data, counts, n, info.codec.removeprefix("nws-"))
+            small = np.int16 if n <= 2**15 else np.int32
+            layers = [a.astype(small) for a in layers]
+            _decoded[_cache_key(store, chain[: i + 1])] = layers
+            while sum(a.nbytes for v in _decoded.values() for a in v) > DECODED_CACHE_BYTES:
+                _decoded.popitem(last=False)
+        names = [k for k, _ in chain[-1][1].meta["layers"]]
+        return {k: a.astype(np.int64) for k, a in zip(names, layers, strict=True)}
 
     @staticmethod
     def pool_size(store: ArtifactStore) -> int:
         return int(store.info(INDICES, store.tasks()[0]).meta["pool_size"])
 
     def task_metrics(self, task: TaskInfo, store: ArtifactStore) -> dict[str, float]:
-        """Bits per index as stored, under both codecs, and the empirical entropy (the limit
-        of a per-layer frequency model)."""
+        """Bits per index as stored and under each codec, the empirical entropy (the limit
+        of a per-layer frequency model); for t > 0 also the share of indices changed from
+        task t-1 and the conditional entropy bound of the delta codec (its limit, see
+        :func:`nws.codec.delta_entropy_bits`), whatever codec the run stores with."""
         arrays = list(self.task_indices(store, task.index).values())
         n, count = self.pool_size(store), sum(len(a) for a in arrays)
-        return {
+        out = {
             "bits_per_index": 8 * store.info(INDICES, task.index).nbytes / count,
             "bits_per_index_fixed": 8 * len(codec.encode_fixed(arrays, n)) / count,
             "bits_per_index_entropy": 8 * len(codec.encode_entropy(arrays, n)) / count,
             "index_entropy_bits": codec.empirical_entropy_bits(arrays, n),
             "indices_per_task": float(count),
         }
+        if task.index > 0 and store.has_task(task.index - 1):  # against the task before
+            prev = list(self.task_indices(store, task.index - 1).values())
+            out |= {
+                "changed_fraction": codec.changed_fraction(arrays, prev),
+                "bits_per_index_delta": 8 * len(codec.encode_delta(arrays, prev, n)) / count,
+                "delta_entropy_bits": codec.delta_entropy_bits(arrays, prev, n),
+            }
+        return out
 
     @classmethod
     def memory_formula(cls, arch: str, num_classes: list[int],
                        options: dict[str, Any]) -> Breakdown:
-        """Exact for the fixed-width codec. The entropy codec's size depends on the learned
-        index frequencies: read it from the store (this raises for it)."""
+        """Exact for the fixed-width codec. The entropy and delta codecs' sizes depend on the
+        learned indices: read them from the store (this raises for them)."""
         if options.get("codec", "fixed") != "fixed":
-            raise ValueError("memory_formula is exact only for codec=fixed; with the entropy "
-                             "codec the size depends on the learned indices: use store bytes")
+            raise ValueError(f"memory_formula is exact only for codec=fixed; with codec="
+                             f"{options['codec']} the size depends on the learned indices: "
+                             "use store bytes")
         n, gs = int(options.get("pool_size", 512)), int(options.get("group_size", 1))
         per_task, shared = [], {}
         for c in num_classes:
@@ -255,3 +342,30 @@ class NWSMethod(Method):
             shared = {"pools": sum(n * d for d in dims.values()) * FLOAT32}
         return Breakdown(shared=shared, per_task=per_task)
 
+
+
+def _chain(store: ArtifactStore, task: int) -> list[tuple[int, Any]]:
+    """(task, index blob info) from ``task``'s key frame up to ``task``."""
+    chain = [(task, store.info(INDICES, task))]
+    while chain[-1][1].codec == DELTA_BLOB:
+        base = int(chain[-1][1].meta["base"])
+        if not store.has_task(base) or INDICES not in store.names(base):
+            raise _broken(store, task, base, "the store has no indices for it")
+        chain.append((base, store.info(INDICES, base)))
+    return chain[::-1]
+
+
+def _cache_key(store: ArtifactStore, chain: list[tuple[int, Any]]) -> tuple[str, tuple[str, ...]]:
+    return str(store.root), tuple(info.file for _, info in chain)
+
+
+def _broken(store: ArtifactStore, task: int, missing: int, why: str) -> BrokenChainError:
+    if missing == task:
+        return BrokenChainError(f"artifact store {store.root}: task {task}'s indices are "
+                                f"listed, but {why}; restore it from a copy of the store, or "
+                                "delete the run folder and run again.")
+    return BrokenChainError(
+        f"artifact store {store.root}: task {task}'s indices are delta-coded, and decoding "
+        f"them needs task {missing}'s indices, but {why} (the store is truncated mid-chain). "
+        f"Restore task {missing} from a copy of the store, or delete the run folder and run "
+        "again.")

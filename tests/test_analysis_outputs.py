@@ -113,3 +113,29 @@ def test_nothing_to_show_exits_zero(tmp_path, capsys) -> None:
     assert figures.main(["--results", str(tmp_path / "none"), "--out", str(tmp_path / "f")]) == 0
     assert "nothing to show" in capsys.readouterr().out
     assert not (tmp_path / "t").exists() and not (tmp_path / "f").exists()
+
+
+def test_delta_coded_nws_runs_are_their_own_row_beside_nws(tmp_path, monkeypatch) -> None:
+    """A run with codec=delta is ``nws-delta`` (the suite's extension), never pooled with NWS's
+    own runs; its store still feeds KUR and layer sparsity."""
+    import json
+
+    monkeypatch.setattr(analysis.runs, "method_hook", _fake_hook)
+    results = _results(tmp_path / "runs", "split_cifar100")
+    _write_run(results, "split_cifar100", "nws", 1995, [0.70, 0.80], 0.25)
+    delta = next(results.glob("*-nws-*-s1995-*"))
+    (delta / "config.json").write_text(json.dumps({"identity": {"options": {"codec": "delta"}}}))
+    _write_indices(delta, tasks=2)
+    out = tmp_path / "tables"
+    assert tables.main(["--results", str(results), "--out", str(out)]) == 0
+    t1 = pd.read_csv(out / "table1_split_cifar100_paper.csv")
+    assert list(t1.method[:3]) == ["finetune", "nws", "nws-delta"]  # side by side
+    t1 = t1.set_index("method")
+    assert t1.loc["nws", "seeds"] == 2 and t1.loc["nws", "acc_mean"] == pytest.approx(77.0)
+    assert t1.loc["nws-delta", "seeds"] == 1 and t1.loc["nws-delta", "stored_mib"] == 0.5
+    assert np.isnan(t1.loc["nws-delta", "paper_acc"])  # not the paper's method
+    assert "nws-delta (suite's extension" in (out / "table1_split_cifar100_paper.md").read_text()
+    runs = analysis.runs.load_runs(results)
+    assert len(figures.kernel_frame(runs)) == 3 * 2 * len(LAYERS)  # seeds x tasks x layers
+    files, _ = figures.build_figures(results, tmp_path / "figures", "split_cifar100")
+    assert "memory_growth_split_cifar100_resnet18.png" in {p.name for p in files}

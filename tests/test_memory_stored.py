@@ -49,3 +49,26 @@ def test_stored_formula_equals_store_bytes(method: str, tmp_path) -> None:
     for t in range(TASKS):
         assert formula.task_bytes(t) == store.nbytes(t), f"task {t}"
     assert formula.total() == store.total_bytes()
+
+
+def test_delta_codec_matches_the_formula_wherever_it_is_analytic(tmp_path) -> None:
+    """NWS with codec=delta: the size of a delta-coded task's indices depends on what was
+    learned (no formula; like codec=entropy); everything else, key frames included, is the
+    fixed codec's formula to the byte."""
+    from benchmarks.nws_method import NWSMethod
+
+    tasks, options = 3, FAST["nws"] | {"codec": "delta", "keyframe_every": 2}
+    run_dir = run(RunConfig(method="nws", benchmark="synthetic", protocol="smoke",
+                            num_tasks=tasks, out=str(tmp_path), device="cpu", progress=False,
+                            method_options=options, benchmark_options=DATA))
+    store = ArtifactStore(run_dir / "artifacts")
+    fixed = NWSMethod.resolve_options("synthetic", options | {"codec": "fixed"})
+    formula = NWSMethod.memory_formula("resnet18", [2] * tasks, fixed)
+    stored = store.breakdown()
+    assert stored.shared == formula.shared
+    for t in range(tasks):
+        want, got = dict(formula.per_task[t]), dict(stored.per_task[t])
+        if t == 1:  # the only delta-coded task: smaller than its fixed-width form
+            assert store.info("indices", t).codec == "nws-delta"
+            assert got.pop("indices") < want.pop("indices")
+        assert got == want, f"task {t}"

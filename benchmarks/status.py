@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = cli.parser()
     run_args = run_parser.parse_args(plan_flags)  # the sweep's own flags (launcher's too)
     results = args.results or run_args.out
-    if not Path(results).is_dir():
+    if not Path(results).is_dir() and not plan_flags:
         print(f"error: {results} is not a folder of run folders", file=sys.stderr)
         return 2
-    if plan_flags:
+    if plan_flags:  # a sweep not started yet (no folder): every planned run is missing
         from benchmarks.launch import plan_jobs
 
         run_args.out = results

@@ -345,3 +345,13 @@ def test_a_requeue_exit_is_not_recorded_as_a_failure(tmp_path, monkeypatch):
     assert read_record(tmp_path, job.key) is None
     status = job_status(tmp_path, job)
     assert (status.state, status.learned, status.planned) == ("partial", 0, 1)
+
+
+def test_status_of_a_sweep_not_started_lists_every_run_missing(tmp_path, capsys):
+    from benchmarks.status import main as status
+
+    out = tmp_path / "not-yet"  # no folder: nothing has run
+    assert status([*SYNTH, "--seeds", "1", "2", "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert text.count("missing") >= 2 and "2 missing" in text
+    assert status(["--results", str(out)]) == 2  # no plan: nothing to list

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensors
-from benchmarks.data import BENCHMARKS, Benchmark
+from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.device_policy import DevicePolicy, resolve_device
 from benchmarks.lock import RunLock
@@ -82,6 +82,7 @@ class RunConfig:
 def build_benchmark(cfg: RunConfig) -> Benchmark:
     from benchmarks.data import default_data_root
 
+    check_benchmark_options(cfg.benchmark, cfg.benchmark_options)
     root = Path(cfg.data_root).expanduser().resolve() if cfg.data_root else default_data_root()
     bench = BENCHMARKS.get(cfg.benchmark)(root, **cfg.benchmark_options)
     return bench.subset(cfg.num_tasks)

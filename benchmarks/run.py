@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.archs import ARCHS, WeightsUnavailableError
-from benchmarks.data import BENCHMARKS, DataUnavailableError
+from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
 from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
@@ -143,29 +143,41 @@ def summarise(run_dirs: list[Path]) -> str:
 
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The plan: one :class:`RunConfig` per (seed, method), names checked against the
-    registries (raises :class:`UnknownNameError`)."""
+    registries (raises :class:`UnknownNameError`), ``--bench-opt`` and ``--opt`` keys against
+    what the benchmark and the planned methods take (``ValueError``)."""
     for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
                            (PROTOCOLS, args.protocol)):
         registry.get(name)
     methods = METHODS.names() if args.method == "all" else args.method.split(",")
     for name in methods:
         METHODS.get(name)
+    from benchmarks.protocols import resolve_protocol
+
+    overrides = _pairs(args.set, "--set")
+    resolve_protocol(args.protocol, args.benchmark).with_overrides(**overrides)  # checks them
+    bench_options = _pairs(args.bench_opt, "--bench-opt")
+    check_benchmark_options(args.benchmark, bench_options)
+    options = _pairs(args.opt, "--opt")
+    settings = {name: METHODS.get(name).settings(args.benchmark) for name in methods}
+    unknown = sorted(k for k in options if not any(k in s for s in settings.values()))
+    if unknown:  # a key some planned method takes goes to that method only
+        valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
+        raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
+                         f"options ({valid})")
     seeds = args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
         data_root=args.data_root, out=args.out,
         pretrained=args.weights or args.pretrained, num_tasks=args.tasks,
         device=args.device, deterministic=args.deterministic, num_workers=args.workers,
-        protocol_overrides=_pairs(args.set, "--set"),
-        benchmark_options=_pairs(args.bench_opt, "--bench-opt"),
+        protocol_overrides=overrides,
+        benchmark_options=bench_options,
         # bars only on a terminal (tqdm writes to stderr); in logs one line per epoch
         progress=not args.no_progress and sys.stderr.isatty(),
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
     )
-    options = _pairs(args.opt, "--opt")
     return [RunConfig(method=name, seed=seed, method_options={
-                k: v for k, v in options.items() if k in METHODS.get(name).settings(
-                    args.benchmark)}, **base)
+                k: v for k, v in options.items() if k in settings[name]}, **base)
             for seed in seeds for name in methods]
 
 

@@ -1,0 +1,92 @@
+"""Bad flags of the run/status/prefetch CLIs stop with exit 2 and a message naming what is
+valid, before any job is planned or any data is read (never a raw traceback)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run as cli
+from benchmarks import status
+from benchmarks.device_policy import resolve_device
+from benchmarks.protocols import resolve_protocol
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = ["--method", "finetune", "--protocol", "smoke", "--tasks", "1"]
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--bench-opt", "foo=1"], "unknown --bench-opt key(s) foo for benchmark split_digits; "
+                               "valid: size"),
+    (["--bench-opt", "foo=1", "--launcher", "local", "--dry-run"], "valid: size"),
+    (["--benchmark", "cub_to_sketches", "--bench-opt", "size=16"], "valid: verify, cache_dir"),
+    (["--opt", "beta=0.3"], "--opt beta: no planned method takes it"),
+    (["--method", "finetune,nws", "--opt", "nope=1"], "nws: "),
+    (["--set", "epochs=abc"], "--set epochs='abc': epochs takes int"),
+    (["--set", "lr_milestones=a"], "lr_milestones takes a comma-separated list of ints"),
+    (["--set", "name=x"], "unknown protocol field(s) ['name']"),
+    (["--launcher", "local", "--jobs", "0", "--dry-run"], "--jobs must be >= 1, got 0"),
+    (["--launcher", "local", "--jobs", "-1"], "--jobs must be >= 1, got -1"),
+    (["--launcher", "slurm", "--parallelism", "0", "--dry-run"], "--parallelism must be >= 1"),
+])
+def test_bad_values_exit_2_naming_the_valid_ones(extra, says, tmp_path, capsys):
+    code = cli.main([*DIGITS, "--out", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*/config.json"))  # nothing ran
+
+
+def test_status_and_a_valid_key_of_one_planned_method(tmp_path, capsys):
+    assert status.main([*DIGITS, "--bench-opt", "foo=1", "--results", str(tmp_path)]) == 2
+    assert "valid: size" in capsys.readouterr().err
+    args = cli.parser().parse_args([*DIGITS, "--method", "finetune,nws", "--opt", "beta=0.3",
+                                    "--set", "lr=1", "--set", "lr_milestones=2,3"])
+    configs = cli.run_configs(args)  # beta goes to nws only; int lr is a float
+    assert [c.method_options for c in configs] == [{}, {"beta": 0.3}]
+    proto = resolve_protocol("smoke", "split_digits").with_overrides(lr=1, lr_milestones=2)
+    assert proto.lr == 1.0 and isinstance(proto.lr, float) and proto.lr_milestones == (2,)
+
+
+def test_a_device_that_is_not_one_or_not_visible_is_a_value_error():
+    with pytest.raises(ValueError, match="--device 'foo' is not a device"):
+        resolve_device("foo")
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_device("cuda:99")
+    assert resolve_device("cpu").type == "cpu"
+
+
+_LAUNCHER = """
+import argparse, sys
+from benchmarks.launch import local
+from benchmarks.sweep import Job
+pid_file, out = sys.argv[1], sys.argv[2]
+child = f"import os, time; open({pid_file!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+local.job_command = lambda *a, **k: [sys.executable, "-c", child]
+args = argparse.Namespace(jobs=1, per_gpu=None, gpus=None, threads=1, out=out)
+sys.exit(local.launch_local([Job("k", "finetune", 1, {}, ())], args))
+"""
+
+
+def test_sigterm_to_the_local_launcher_stops_its_jobs(tmp_path):
+    """Jobs run in their own sessions; a launcher ended by SIGTERM used to leave them running,
+    orphaned. It now stops them as on Ctrl-C."""
+    pid_file = tmp_path / "child.pid"
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(pid_file),
+                                 str(tmp_path / "out")], env=env, cwd=REPO,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1 and "launch again to resume" in err
+    with pytest.raises(ProcessLookupError):  # the job was stopped and reaped
+        os.kill(child, 0)

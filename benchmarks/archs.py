@@ -312,8 +312,9 @@ class Pretrained:
         self.source = source
         self.seed = seed  # fixes the random init of 'none' (and of a file's missing head)
         if source not in ("imagenet", "none") and not Path(source).is_file():
+            what = "is a folder, not a file" if Path(source).is_dir() else "not found"
             raise WeightsUnavailableError(
-                f"weights file {source!r} not found; pass an existing state-dict file, "
+                f"weights file {source!r} {what}; pass an existing state-dict file, "
                 f"'imagenet' (torchvision download) or 'none' (random init)"
             )
         if source not in ("imagenet", "none"):

@@ -150,9 +150,11 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
             f"would mix two numerics in one result. Resume it with --device {was}, or start "
             f"afresh on {now} with another --out (or delete that folder)")
     if previous != identity:
+        differ = sorted(k for k in set(previous) | set(identity)
+                        if previous.get(k) != identity.get(k))
         raise RunConflictError(
-            f"{folder} holds a run with another configuration; choose another --out, or "
-            f"delete that folder to start over"
+            f"{folder} holds a run with another configuration (differs in: "
+            f"{', '.join(differ)}); choose another --out, or delete that folder to start over"
         )
 
 
@@ -201,9 +203,15 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
                 ) -> Path:
     """The body of :func:`run`, under the run folder's lock."""
     device = policy.device
-    previous = results.read_json("config.json")
-    if previous is not None:
-        check_resumable(results.dir, previous["identity"], identity)
+    try:
+        previous = results.read_json("config.json")
+        if previous is not None:
+            check_resumable(results.dir, previous["identity"], identity)
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a run's config
+        raise RunConflictError(
+            f"{results.dir / 'config.json'} is damaged ({type(err).__name__}: {err}); nothing "
+            f"was changed. Restore it (e.g. from a backup), or delete that folder to start "
+            f"over") from err
     results.write_json("config.json", {
         "identity": identity, "run_id": rid, "protocol_provenance": protocol.provenance,
         "option_provenance": {k: s.source for k, s in method_cls.settings(cfg.benchmark).items()},

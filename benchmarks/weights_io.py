@@ -136,8 +136,11 @@ def read_file(path: str | Path) -> Any:
         detail = f"torch refused {refused.group(1)}" if refused else str(err).splitlines()[0]
         raise _refuse(path, f"holds objects that are not plain data ({detail})") from err
     except Exception as err:  # a damaged or foreign file: torch raises many kinds
-        raise _refuse(path, "not a torch or safetensors weights file "
-                            f"({type(err).__name__}: {err})") from err
+        raise WeightsFileError(  # no extraction snippet: torch.load cannot read it either
+            f"weights file {path}: not a torch or safetensors weights file "
+            f"({type(err).__name__}: {str(err)[:200]}). It may be incomplete (an interrupted "
+            f"download or copy) or another kind of file: check the path, or download it "
+            f"again") from err
 
 
 def _tensor_items(obj: dict) -> dict[str, torch.Tensor]:

@@ -90,3 +90,39 @@ def test_sigterm_to_the_local_launcher_stops_its_jobs(tmp_path):
     assert launcher.returncode == 1 and "launch again to resume" in err
     with pytest.raises(ProcessLookupError):  # the job was stopped and reaped
         os.kill(child, 0)
+
+
+def test_a_damaged_or_foreign_run_config_is_named_and_nothing_changes(tmp_path, capsys):
+    argv = ["--method", "finetune", "--benchmark", "synthetic", "--protocol", "smoke",
+            "--tasks", "1", "--pretrained", "none", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    config = next(tmp_path.glob("*/config.json"))
+    rows = (config.parent / "rows.csv").read_text()
+    text = config.read_text()
+    config.write_text(text.replace('"seed": 1993', '"seed": 7', 1))
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert "another configuration (differs in: seed)" in capsys.readouterr().err
+    config.write_text("{damaged")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{config} is damaged" in err and "Traceback" not in err
+    assert config.read_text() == "{damaged" and (config.parent / "rows.csv").read_text() == rows
+
+
+def test_weights_a_folder_a_truncated_file_and_a_missing_file_for_a_sweep(tmp_path, capsys):
+    import torch
+
+    assert cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(tmp_path)]) == 2
+    assert f"weights file {str(tmp_path)!r} is a folder, not a file" in capsys.readouterr().err
+    whole = tmp_path / "whole.pt"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert f"weights file {cut}: not a torch" in err and "download it again" in err
+    assert "weights_only=False" not in err  # no unpickling advice for a file torch cannot read
+    code = cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(tmp_path / "nope.pt"),
+                     "--launcher", "local", "--dry-run"])
+    assert code == 2 and "every job would stop on it" in capsys.readouterr().err

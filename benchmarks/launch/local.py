@@ -6,7 +6,8 @@ one). Each job gets ``cores // slots`` threads unless ``--threads`` is given (to
 ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set before it starts), its own log
 ``<out>/.sweep/logs/<key>.log``, and prints one line when it ends, with an ETA for the sweep
 (mean time of the finished jobs x jobs left / slots). Ctrl-C, SIGTERM or SIGHUP to the
-launcher stops every job (each resumes from its run folder when launched again). Exit status: 0 if every job finished, else 1.
+launcher stops every job (each resumes from its run folder when launched again). Exit
+status: 0 if every job finished, else 1.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ DIGITS = ["--method", "finetune", "--protocol", "smoke", "--tasks", "1"]
     (["--launcher", "local", "--jobs", "0", "--dry-run"], "--jobs must be >= 1, got 0"),
     (["--launcher", "local", "--jobs", "-1"], "--jobs must be >= 1, got -1"),
     (["--launcher", "slurm", "--parallelism", "0", "--dry-run"], "--parallelism must be >= 1"),
+    (["--launcher", "local", "--threads", "0", "--dry-run"], "--threads must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
 ])
 def test_bad_values_exit_2_naming_the_valid_ones(extra, says, tmp_path, capsys):
     code = cli.main([*DIGITS, "--out", str(tmp_path), *extra])

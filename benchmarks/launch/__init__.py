@@ -77,7 +77,7 @@ def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]
 def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Plan, then print (``--dry-run``) or place the jobs with ``--launcher``. Raises
     ``ValueError`` (CLI exit 2) for a count below 1 or a weights file that is not there."""
-    for flag in ("jobs", "per_gpu", "parallelism", "max_requeue"):
+    for flag in ("jobs", "per_gpu", "parallelism", "max_requeue", "threads"):
         value, least = getattr(args, flag), 0 if flag == "max_requeue" else 1
         if value is not None and value < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -212,6 +213,11 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
             f"{results.dir / 'config.json'} is damaged ({type(err).__name__}: {err}); nothing "
             f"was changed. Restore it (e.g. from a backup), or delete that folder to start "
             f"over") from err
+    checkpoints = checkpoint_folder(cfg.checkpoint_dir, rid, results.dir)
+    if previous is not None:
+        before = checkpoint_folder((previous.get("run_config") or {}).get("checkpoint_dir"),
+                                   rid, results.dir)
+        adopt_checkpoints(before, checkpoints)
     results.write_json("config.json", {
         "identity": identity, "run_id": rid, "protocol_provenance": protocol.provenance,
         "option_provenance": {k: s.source for k, s in method_cls.settings(cfg.benchmark).items()},
@@ -232,8 +238,6 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         t = info.index
         if t in finished:
             continue
-        checkpoints = (Path(cfg.checkpoint_dir).expanduser().resolve() / rid
-                       if cfg.checkpoint_dir else results.dir / "checkpoints")
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, policy, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
@@ -271,6 +275,31 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def checkpoint_folder(checkpoint_dir: str | None, rid: str, run_dir: Path) -> Path:
+    """Where run ``rid`` keeps its phase checkpoints: ``<checkpoint_dir>/<rid>/``, or the run
+    folder's ``checkpoints/``."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir).expanduser().resolve() / rid
+    return run_dir / "checkpoints"
+
+
+def adopt_checkpoints(before: Path, now: Path) -> None:
+    """Move the phase checkpoints a run left in ``before`` (an earlier launch's
+    ``--checkpoint-dir``) to ``now``, so a relaunch with another (or no) ``--checkpoint-dir``
+    resumes from them instead of silently training the task again. A folder that is not
+    reachable here (another node's scratch) has nothing to move."""
+    if before == now or not before.is_dir():
+        return
+    found = sorted(before.glob("task*.pt"))  # names of _checkpoint_prefix
+    if not found:
+        return
+    now.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        shutil.move(str(path), now / path.name)
+    log.info("moved %d phase checkpoint(s) of this run from %s (an earlier --checkpoint-dir) "
+             "to %s", len(found), before, now)
 
 
 def _checkpoint_prefix(task: int) -> str:

@@ -128,3 +128,20 @@ def test_weights_a_folder_a_truncated_file_and_a_missing_file_for_a_sweep(tmp_pa
     code = cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(tmp_path / "nope.pt"),
                      "--launcher", "local", "--dry-run"])
     assert code == 2 and "every job would stop on it" in capsys.readouterr().err
+
+
+def test_a_relaunch_with_another_checkpoint_dir_takes_the_earlier_checkpoints_along(
+        tmp_path, capsys):
+    """Killed with --checkpoint-dir A, launched again without it: the checkpoints in A used to
+    be ignored (the task silently trained again); they are moved to the new place."""
+    scratch = tmp_path / "scratch"
+    argv = ["--method", "finetune", "--benchmark", "synthetic", "--protocol", "smoke",
+            "--tasks", "1", "--pretrained", "none", "--out", str(tmp_path / "runs"),
+            "--no-progress"]
+    assert cli.main([*argv, "--checkpoint-dir", str(scratch)]) == 0
+    run_dir = next((tmp_path / "runs").glob("*/config.json")).parent
+    left = scratch / run_dir.name / "task099-0-train.pt"  # a task this run never loads
+    left.write_bytes(b"a phase checkpoint")
+    assert cli.main(argv) == 0
+    moved = run_dir / "checkpoints" / left.name
+    assert not left.exists() and moved.read_bytes() == b"a phase checkpoint"

@@ -145,3 +145,25 @@ def test_a_relaunch_with_another_checkpoint_dir_takes_the_earlier_checkpoints_al
     assert cli.main(argv) == 0
     moved = run_dir / "checkpoints" / left.name
     assert not left.exists() and moved.read_bytes() == b"a phase checkpoint"
+
+
+def test_damaged_rows_and_job_records_are_named_not_a_traceback(tmp_path, capsys):
+    argv = ["--method", "finetune", "--benchmark", "synthetic", "--protocol", "smoke",
+            "--tasks", "1", "--pretrained", "none", "--out", str(tmp_path), "--no-progress",
+            "--deterministic"]
+    assert cli.main(argv) == 0
+    run_dir = next(tmp_path.glob("*/config.json")).parent
+    rows = run_dir / "rows.csv"
+    good = rows.read_text()
+    rows.write_text('run_id,task\n"unterminated')
+    (run_dir / "job.json").write_text("{damaged")
+    (tmp_path / ".sweep" / "jobs").mkdir(parents=True)
+    (tmp_path / ".sweep" / "jobs" / "x.json").write_text("{damaged")
+    capsys.readouterr()
+    assert status.main(["--results", str(tmp_path)]) == 1
+    assert f"partial  {run_dir.name}" in capsys.readouterr().out
+    assert cli.main(argv) == 2
+    assert f"{rows} is damaged" in capsys.readouterr().err
+    rows.unlink()  # as the message says: the stored task is evaluated again, not retrained
+    assert cli.main(argv) == 0
+    assert rows.read_text() == good  # the same rows, from the store

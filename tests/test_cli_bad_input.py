@@ -127,7 +127,18 @@ def test_weights_a_folder_a_truncated_file_and_a_missing_file_for_a_sweep(tmp_pa
     assert "weights_only=False" not in err  # no unpickling advice for a file torch cannot read
     code = cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(tmp_path / "nope.pt"),
                      "--launcher", "local", "--dry-run"])
-    assert code == 2 and "every job would stop on it" in capsys.readouterr().err
+    assert code == 2 and "nope.pt' not found" in capsys.readouterr().err
+    other = tmp_path / "mobilenet.pt"  # another architecture: refused before any job
+    torch.save({"conv1.weight": torch.zeros(64, 1, 7, 7)}, other)
+    for extra in (["--launcher", "local", "--dry-run"], []):
+        assert cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(other), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "do not fit resnet18: shape mismatch in conv1.weight (64, 1, 7, 7)" in err
+    from benchmarks import prefetch
+
+    assert prefetch.main([*DIGITS, "--weights", str(other)]) == 2  # it said "ok" before
+    assert "missing  weights resnet18" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*/config.json"))
 
 
 def test_a_relaunch_with_another_checkpoint_dir_takes_the_earlier_checkpoints_along(

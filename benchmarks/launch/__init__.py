@@ -76,15 +76,17 @@ def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]
 
 def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Plan, then print (``--dry-run``) or place the jobs with ``--launcher``. Raises
-    ``ValueError`` (CLI exit 2) for a count below 1 or a weights file that is not there."""
+    ``ValueError`` (CLI exit 2) for a count below 1, ``WeightsUnavailableError`` for a weights
+    file that is not there or does not fit ``--arch``."""
     for flag in ("jobs", "per_gpu", "parallelism", "max_requeue", "threads"):
         value, least = getattr(args, flag), 0 if flag == "max_requeue" else 1
         if value is not None and value < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
     source = args.weights or args.pretrained
-    if source not in (None, "imagenet", "none") and not Path(source).expanduser().is_file():
-        raise ValueError(f"weights file {source!r} not found (or not a file): every job "
-                         f"would stop on it; pass an existing file, 'imagenet' or 'none'")
+    if source not in (None, "imagenet", "none"):  # every job would stop on a bad file
+        from benchmarks.archs import Pretrained
+
+        Pretrained(args.arch, str(Path(source).expanduser()))  # WeightsUnavailableError
     jobs = plan_jobs(p, args)
     if args.dry_run:
         print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")

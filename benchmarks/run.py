@@ -148,7 +148,10 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
                            (PROTOCOLS, args.protocol)):
         registry.get(name)
-    methods = METHODS.names() if args.method == "all" else args.method.split(",")
+    # "nws, finetune" is read as "nws,finetune"; a name or seed given twice is one run (two
+    # jobs of one run would only meet at its lock)
+    methods = METHODS.names() if args.method.strip() == "all" else list(dict.fromkeys(
+        name.strip() for name in args.method.split(",")))
     for name in methods:
         METHODS.get(name)
     from benchmarks.protocols import resolve_protocol
@@ -164,7 +167,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
         raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
                          f"options ({valid})")
-    seeds = args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])
+    seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
         data_root=args.data_root, out=args.out,

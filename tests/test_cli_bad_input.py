@@ -51,6 +51,10 @@ def test_status_and_a_valid_key_of_one_planned_method(tmp_path, capsys):
                                     "--set", "lr=1", "--set", "lr_milestones=2,3"])
     configs = cli.run_configs(args)  # beta goes to nws only; int lr is a float
     assert [c.method_options for c in configs] == [{}, {"beta": 0.3}]
+    args = cli.parser().parse_args([*DIGITS, "--method", "nws, finetune,nws", "--seeds", "2",
+                                    "1", "2"])  # once each, in the order given
+    assert [(c.method, c.seed) for c in cli.run_configs(args)] == [
+        ("nws", 2), ("finetune", 2), ("nws", 1), ("finetune", 1)]
     proto = resolve_protocol("smoke", "split_digits").with_overrides(lr=1, lr_milestones=2)
     assert proto.lr == 1.0 and isinstance(proto.lr, float) and proto.lr_milestones == (2,)
 

@@ -156,6 +156,12 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         METHODS.get(name)
     from benchmarks.protocols import resolve_protocol
 
+    for flag in ("out", "checkpoint_dir", "kernels_dir"):
+        folder = getattr(args, flag)
+        if folder and Path(folder).expanduser().exists() and not Path(
+                folder).expanduser().is_dir():
+            raise ValueError(f"--{flag.replace('_', '-')} {folder} is a file; give a folder "
+                             f"(it is created if missing)")
     overrides = _pairs(args.set, "--set")
     resolve_protocol(args.protocol, args.benchmark).with_overrides(**overrides)  # checks them
     bench_options = _pairs(args.bench_opt, "--bench-opt")

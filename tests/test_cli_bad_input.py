@@ -36,12 +36,22 @@ DIGITS = ["--method", "finetune", "--protocol", "smoke", "--tasks", "1"]
     (["--launcher", "slurm", "--parallelism", "0", "--dry-run"], "--parallelism must be >= 1"),
     (["--launcher", "local", "--threads", "0", "--dry-run"], "--threads must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--checkpoint-dir", __file__], f"--checkpoint-dir {__file__} is a file; give a folder"),
+    (["--kernels-dir", __file__, "--launcher", "local"], "--kernels-dir"),
 ])
 def test_bad_values_exit_2_naming_the_valid_ones(extra, says, tmp_path, capsys):
     code = cli.main([*DIGITS, "--out", str(tmp_path), *extra])
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err
     assert not list(tmp_path.glob("*/config.json"))  # nothing ran
+
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    afile = tmp_path / "results"
+    afile.write_text("")
+    for extra in ([], ["--launcher", "local"]):
+        assert cli.main([*DIGITS, "--out", str(afile), *extra]) == 2
+        assert f"--out {afile} is a file; give a folder" in capsys.readouterr().err
 
 
 def test_status_and_a_valid_key_of_one_planned_method(tmp_path, capsys):

@@ -194,3 +194,20 @@ def test_damaged_rows_and_job_records_are_named_not_a_traceback(tmp_path, capsys
     rows.unlink()  # as the message says: the stored task is evaluated again, not retrained
     assert cli.main(argv) == 0
     assert rows.read_text() == good  # the same rows, from the store
+
+
+def test_the_decode_cache_bar_only_on_a_terminal(monkeypatch):
+    """Its bar ignored the terminal test of every other bar: a job's log got tqdm frames."""
+    import io
+
+    from benchmarks.data.decode_cache import DecodedImages
+
+    def made() -> DecodedImages:
+        return DecodedImages([], lambda im: im, 8, None, None, "x")
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert made().progress is False
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert made().progress is True

@@ -52,6 +52,10 @@ def test_out_that_is_a_file(tmp_path, capsys):
     for extra in ([], ["--launcher", "local"]):
         assert cli.main([*DIGITS, "--out", str(afile), *extra]) == 2
         assert f"--out {afile} is a file; give a folder" in capsys.readouterr().err
+    from benchmarks.data import cub_to_sketches
+
+    with pytest.raises(ValueError, match=f"cache_dir={afile}: {afile} is a file"):
+        cub_to_sketches.build(tmp_path, cache_dir=str(afile))
 
 
 def test_status_and_a_valid_key_of_one_planned_method(tmp_path, capsys):

@@ -116,6 +116,9 @@ def build(data_root: Path, verify: str = "header", cache_dir: str | None = None)
     ``--bench-opt cache_dir=DIR``)."""
     root = Path(data_root).expanduser().resolve()
     cache = Path(cache_dir).expanduser().resolve() if cache_dir else None
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise ValueError(f"--bench-opt cache_dir={cache_dir}: {cache} is a file; give a folder "
+                         f"(it is created if missing)")
     listings = list_trees(root)
     problems = check_layout(root, listings)
     if problems:

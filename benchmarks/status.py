@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         "results/runs)")
     args, plan_flags = p.parse_known_args(argv)
     run_parser = cli.parser()
+    run_parser.prog = p.prog  # its errors name this command
     run_args = run_parser.parse_args(plan_flags)  # the sweep's own flags (launcher's too)
     results = args.results or run_args.out
     if not Path(results).is_dir():

@@ -63,6 +63,10 @@ def test_out_that_is_a_file(tmp_path, capsys):
 def test_status_and_a_valid_key_of_one_planned_method(tmp_path, capsys):
     assert status.main([*DIGITS, "--bench-opt", "foo=1", "--results", str(tmp_path)]) == 2
     assert "valid: size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        status.main(["--bogus"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "python -m benchmarks.status: error: unrecognized" in err
     args = cli.parser().parse_args([*DIGITS, "--method", "finetune,nws", "--opt", "beta=0.3",
                                     "--set", "lr=1", "--set", "lr_milestones=2,3"])
     configs = cli.run_configs(args)  # beta goes to nws only; int lr is a float

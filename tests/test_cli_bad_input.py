@@ -150,6 +150,15 @@ def test_weights_a_folder_a_truncated_file_and_a_missing_file_for_a_sweep(tmp_pa
     err = capsys.readouterr().err
     assert f"weights file {cut}: not a torch" in err and "download it again" in err
     assert "weights_only=False" not in err  # no unpickling advice for a file torch cannot read
+    from safetensors.torch import save_file
+
+    whole_st = tmp_path / "whole.safetensors"
+    save_file({"conv1.weight": torch.zeros(64, 3, 3, 3)}, str(whole_st))
+    cut.write_bytes(whole_st.read_bytes()[:-100])
+    assert cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable safetensors file" in err and "download it again" in err
+    assert "weights_only=False" not in err
     code = cli.main([*DIGITS, "--out", str(tmp_path), "--weights", str(tmp_path / "nope.pt"),
                      "--launcher", "local", "--dry-run"])
     assert code == 2 and "nope.pt' not found" in capsys.readouterr().err

@@ -28,7 +28,11 @@ from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
 from benchmarks.results import load_rows
-from benchmarks.training import DEFAULT_CHECKPOINT_EVERY, TrainingDivergedError
+from benchmarks.training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    CheckpointPolicy,
+    TrainingDivergedError,
+)
 
 DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
 # What stops a run with a message (exit 2) rather than a traceback.
@@ -162,6 +166,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
                 folder).expanduser().is_dir():
             raise ValueError(f"--{flag.replace('_', '-')} {folder} is a file; give a folder "
                              f"(it is created if missing)")
+    CheckpointPolicy.parse(args.checkpoint_every)  # a sweep's jobs would all stop on it
     overrides = _pairs(args.set, "--set")
     resolve_protocol(args.protocol, args.benchmark).with_overrides(**overrides)  # checks them
     bench_options = _pairs(args.bench_opt, "--bench-opt")

@@ -36,6 +36,8 @@ DIGITS = ["--method", "finetune", "--protocol", "smoke", "--tasks", "1"]
     (["--launcher", "slurm", "--parallelism", "0", "--dry-run"], "--parallelism must be >= 1"),
     (["--launcher", "local", "--threads", "0", "--dry-run"], "--threads must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--checkpoint-every", "1h30m", "--launcher", "local", "--dry-run"],
+     "--checkpoint-every '1h30m': give a number of epochs"),
     (["--launcher", "slurm", "--cpus-per-job", "0", "--dry-run"], "--cpus-per-job must be >= 1"),
     (["--launcher", "slurm", "--mem-gb", "-1", "--dry-run"], "--mem-gb must be >= 0.001"),
     (["--checkpoint-dir", __file__], f"--checkpoint-dir {__file__} is a file; give a folder"),

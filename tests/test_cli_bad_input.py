@@ -36,6 +36,7 @@ DIGITS = ["--method", "finetune", "--protocol", "smoke", "--tasks", "1"]
     (["--launcher", "slurm", "--parallelism", "0", "--dry-run"], "--parallelism must be >= 1"),
     (["--launcher", "local", "--threads", "0", "--dry-run"], "--threads must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--device", "cuda:99", "--launcher", "local", "--dry-run"], "CUDA device(s) visible"),
     (["--checkpoint-every", "1h30m", "--launcher", "local", "--dry-run"],
      "--checkpoint-every '1h30m': give a number of epochs"),
     (["--launcher", "slurm", "--cpus-per-job", "0", "--dry-run"], "--cpus-per-job must be >= 1"),

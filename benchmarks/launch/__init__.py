@@ -93,6 +93,10 @@ def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from benchmarks.archs import Pretrained
 
         Pretrained(args.arch, str(Path(source).expanduser()))  # WeightsUnavailableError
+    if args.launcher == "local":  # its jobs see this machine's devices (not so on SLURM)
+        from benchmarks.device_policy import resolve_device
+
+        resolve_device(args.device)
     jobs = plan_jobs(p, args)
     if args.dry_run:
         print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")

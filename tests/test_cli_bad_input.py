@@ -233,3 +233,18 @@ def test_the_decode_cache_bar_only_on_a_terminal(monkeypatch):
     tty.isatty = lambda: True
     monkeypatch.setattr(sys, "stderr", tty)
     assert made().progress is True
+
+
+def test_a_tree_with_an_extra_folder_level_is_refused_not_one_class(tmp_path):
+    """<split>/images/<class>/x.jpg used to be read as a single class 'images' (a warning,
+    then a trivial one-class task): every label wrong, silently."""
+    from benchmarks.data import cub_to_sketches
+    from tests.fakes import write_image_folder
+
+    for name, _, _ in cub_to_sketches.DATASETS:
+        for split in ("train", "test"):
+            level = "images" if name == "cubs_cropped" else ""
+            write_image_folder(tmp_path / name / split / level, ["a", "b"])
+    problems = cub_to_sketches.check_layout(tmp_path)
+    assert len(problems) == 2 and all("one class folder ('images')" in p for p in problems)
+    assert "cubs_cropped/train/<class>/<images>" in problems[0]

@@ -69,6 +69,10 @@ def check_layout(root: Path, listings: dict[tuple[str, str], TreeListing] | None
             tree = listings[name, split]
             if not tree.classes:
                 problems.append(f"{folder} has no class folders")
+            elif len(tree.classes) == 1:  # e.g. <split>/images/<class>/: one class of all
+                problems.append(f"{folder} has one class folder ({tree.classes[0]!r}); a task "
+                                f"needs >= 2: is there an extra folder level? (expected "
+                                f"{folder}/<class>/<images>)")
             empty = tree.empty_classes()
             if empty:
                 problems.append(f"{folder}: class folders without images: {sorted(empty)[:5]}")

@@ -41,7 +41,8 @@ IMAGENET_CLASSES = 1000
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be had; the message says how to supply them."""
+    """Pretrained weights could not be had, or do not fit the architecture; the message says
+    how to supply them."""
 
 
 @dataclass(frozen=True)
@@ -312,12 +313,15 @@ class Pretrained:
         self.source = source
         self.seed = seed  # fixes the random init of 'none' (and of a file's missing head)
         if source not in ("imagenet", "none") and not Path(source).is_file():
+            what = "is a folder, not a file" if Path(source).is_dir() else "not found"
             raise WeightsUnavailableError(
-                f"weights file {source!r} not found; pass an existing state-dict file, "
+                f"weights file {source!r} {what}; pass an existing state-dict file, "
                 f"'imagenet' (torchvision download) or 'none' (random init)"
             )
         if source not in ("imagenet", "none"):
-            self.state_dict  # noqa: B018  read a file now: a bad one stops before any run folder
+            # read and fit a file now: a bad one stops before any run folder (also in
+            # benchmarks.prefetch, and before a sweep's jobs all fail on it)
+            self._template  # noqa: B018
 
     @functools.cached_property
     def state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -345,15 +349,18 @@ class Pretrained:
             head = ARCHS.get(self.arch).head
             own = model.state_dict()
             mismatched = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-            if any(not k.startswith(head + ".") for k in mismatched):
-                raise ValueError(f"weights {self.source} do not fit {self.arch}: shape mismatch "
-                                 f"in {mismatched[:5]}")
+            body = [f"{k} {tuple(sd[k].shape)} (the model's {tuple(own[k].shape)})"
+                    for k in mismatched if not k.startswith(head + ".")]
+            if body:
+                raise WeightsUnavailableError(
+                    f"weights {self.source} do not fit {self.arch}: shape mismatch in "
+                    f"{', '.join(body[:5])}")
             if mismatched:  # a file with another head size: keep the random 1000-class head
                 sd = {k: v for k, v in sd.items() if k not in mismatched}
             missing, unexpected = model.load_state_dict(sd, strict=False)
             body_missing = [k for k in missing if not k.startswith(head + ".")]
             if body_missing or unexpected:
-                raise ValueError(
+                raise WeightsUnavailableError(
                     f"weights {self.source} do not fit {self.arch}: missing {body_missing[:5]}, "
                     f"unexpected {unexpected[:5]}"
                 )

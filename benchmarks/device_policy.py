@@ -35,10 +35,22 @@ __all__ = ["SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy", "compile_mode", "compil
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; any other name as torch reads it."""
+    """``"auto"``: CUDA when available, else CPU; any other name as torch reads it.
+    Raises ``ValueError`` (CLI exit 2) for a name torch does not read as a device and for a
+    CUDA device that is not visible."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a device; give auto, cpu, cuda or "
+                         f"cuda:N") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: {count} CUDA device(s) visible here; use "
+                             f"--device cpu (or auto), or check CUDA_VISIBLE_DEVICES")
+    return device
 
 
 def default_search(device: torch.device) -> SearchPath:

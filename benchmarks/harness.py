@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensors
-from benchmarks.data import BENCHMARKS, Benchmark
+from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.device_policy import DevicePolicy, resolve_device
 from benchmarks.lock import RunLock
@@ -88,6 +89,7 @@ class RunConfig:
 def build_benchmark(cfg: RunConfig) -> Benchmark:
     from benchmarks.data import default_data_root
 
+    check_benchmark_options(cfg.benchmark, cfg.benchmark_options)
     root = Path(cfg.data_root).expanduser().resolve() if cfg.data_root else default_data_root()
     bench = BENCHMARKS.get(cfg.benchmark)(root, **cfg.benchmark_options)
     return bench.subset(cfg.num_tasks)
@@ -162,9 +164,11 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
                 f"{identity.get(key)}: resuming would mix the two in one result. Resume it "
                 f"with --{flag} {previous.get(key)}, or start afresh with another --out")
     if previous != identity:
+        differ = sorted(k for k in set(previous) | set(identity)
+                        if previous.get(k) != identity.get(k))
         raise RunConflictError(
-            f"{folder} holds a run with another configuration; choose another --out, or "
-            f"delete that folder to start over"
+            f"{folder} holds a run with another configuration (differs in: "
+            f"{', '.join(differ)}); choose another --out, or delete that folder to start over"
         )
 
 
@@ -214,9 +218,20 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
                 ) -> Path:
     """The body of :func:`run`, under the run folder's lock."""
     device = policy.device
-    previous = results.read_json("config.json")
+    try:
+        previous = results.read_json("config.json")
+        if previous is not None:
+            check_resumable(results.dir, previous["identity"], identity)
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a run's config
+        raise RunConflictError(
+            f"{results.dir / 'config.json'} is damaged ({type(err).__name__}: {err}); nothing "
+            f"was changed. Restore it (e.g. from a backup), or delete that folder to start "
+            f"over") from err
+    checkpoints = checkpoint_folder(cfg.checkpoint_dir, rid, results.dir)
     if previous is not None:
-        check_resumable(results.dir, previous["identity"], identity)
+        before = checkpoint_folder((previous.get("run_config") or {}).get("checkpoint_dir"),
+                                   rid, results.dir)
+        adopt_checkpoints(before, checkpoints)
     results.write_json("config.json", {
         "identity": identity, "run_id": rid, "protocol_provenance": protocol.provenance,
         "option_provenance": {k: s.source for k, s in method_cls.settings(cfg.benchmark).items()},
@@ -237,8 +252,6 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         t = info.index
         if t in finished:
             continue
-        checkpoints = (Path(cfg.checkpoint_dir).expanduser().resolve() / rid
-                       if cfg.checkpoint_dir else results.dir / "checkpoints")
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, policy, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
@@ -276,6 +289,31 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def checkpoint_folder(checkpoint_dir: str | None, rid: str, run_dir: Path) -> Path:
+    """Where run ``rid`` keeps its phase checkpoints: ``<checkpoint_dir>/<rid>/``, or the run
+    folder's ``checkpoints/``."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir).expanduser().resolve() / rid
+    return run_dir / "checkpoints"
+
+
+def adopt_checkpoints(before: Path, now: Path) -> None:
+    """Move the phase checkpoints a run left in ``before`` (an earlier launch's
+    ``--checkpoint-dir``) to ``now``, so a relaunch with another (or no) ``--checkpoint-dir``
+    resumes from them instead of silently training the task again. A folder that is not
+    reachable here (another node's scratch) has nothing to move."""
+    if before == now or not before.is_dir():
+        return
+    found = sorted(before.glob("task*.pt"))  # names of _checkpoint_prefix
+    if not found:
+        return
+    now.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        shutil.move(str(path), now / path.name)
+    log.info("moved %d phase checkpoint(s) of this run from %s (an earlier --checkpoint-dir) "
+             "to %s", len(found), before, now)
 
 
 def _checkpoint_prefix(task: int) -> str:

@@ -43,18 +43,45 @@ class Protocol:
     provenance: dict[str, str] = field(default_factory=dict, compare=False)
 
     def with_overrides(self, **changes: Any) -> Protocol:
-        """A copy with some values changed; their provenance becomes 'override'."""
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
+        """A copy with some values changed; their provenance becomes 'override'. Raises
+        ``ValueError`` (CLI exit 2) for an unknown field or a value of the wrong type."""
+        types = {f.name: f.type for f in fields(self) if f.name not in _NOT_SETTABLE}
+        unknown = set(changes) - set(types)
         if unknown:
             raise ValueError(
-                f"unknown protocol field(s) {sorted(unknown)}; valid: {sorted(known)}"
+                f"unknown protocol field(s) {sorted(unknown)}; valid: {sorted(types)}"
             )
+        changes = {k: _coerce(k, v, str(types[k])) for k, v in changes.items()}
         prov = dict(self.provenance) | {k: "override" for k in changes}
         return replace(self, provenance=prov, **changes)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_NOT_SETTABLE = ("name", "provenance")
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """``value`` as protocol field ``key`` of annotated type ``kind`` takes it (an int for a
+    float, a number or list for a tuple), else ``ValueError`` naming the field and type."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("tuple"):
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if all(is_int(v) for v in items):
+            return tuple(items)
+    elif kind.startswith("int") and is_int(value):
+        return value
+    elif kind == "float" and (is_int(value) or isinstance(value, float)):
+        return float(value)
+    elif isinstance(value, {"bool": bool, "str": str}.get(kind, ())):
+        return value
+    wanted = "a comma-separated list of ints" if kind.startswith("tuple") else kind
+    raise ValueError(f"--set {key}={value!r}: {key} takes {wanted}")
 
 
 PAPER = "paper §5.4"

@@ -34,6 +34,26 @@ COLUMNS = [
 ]
 
 
+def read_rows(path: Path) -> pd.DataFrame:
+    """One run's ``rows.csv`` (empty frame if absent). Raises ``ValueError`` (CLI exit 2)
+    naming the file when it is damaged: the artifact store beside it is intact, so deleting
+    the file makes the next launch evaluate every stored task again without retraining."""
+    if not path.exists():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        why = str(err).strip()
+    else:
+        missing = [c for c in COLUMNS if c not in df.columns]
+        if not missing:
+            return df
+        why = f"columns {missing} missing"
+    raise ValueError(f"{path} is damaged ({why}); the stored tasks in artifacts/ are intact: "
+                     f"delete {path.name} and launch again to evaluate them again (no "
+                     f"retraining)")
+
+
 class ResultsStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir).resolve()
@@ -41,9 +61,7 @@ class ResultsStore:
         self.rows_path = self.dir / "rows.csv"
 
     def rows(self) -> pd.DataFrame:
-        if not self.rows_path.exists():
-            return pd.DataFrame(columns=COLUMNS)
-        return pd.read_csv(self.rows_path)
+        return read_rows(self.rows_path)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         new = pd.DataFrame(rows, columns=COLUMNS)

@@ -21,14 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.archs import ARCHS, WeightsUnavailableError
-from benchmarks.data import BENCHMARKS, DataUnavailableError
+from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
 from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
 from benchmarks.results import load_rows
-from benchmarks.training import DEFAULT_CHECKPOINT_EVERY, TrainingDivergedError
+from benchmarks.training import (
+    DEFAULT_CHECKPOINT_EVERY,
+    CheckpointPolicy,
+    TrainingDivergedError,
+)
 
 DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
 # What stops a run with a message (exit 2) rather than a traceback.
@@ -149,30 +153,52 @@ def summarise(run_dirs: list[Path]) -> str:
 
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The plan: one :class:`RunConfig` per (seed, method), names checked against the
-    registries (raises :class:`UnknownNameError`)."""
+    registries (raises :class:`UnknownNameError`), ``--bench-opt`` and ``--opt`` keys against
+    what the benchmark and the planned methods take (``ValueError``)."""
     for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
                            (PROTOCOLS, args.protocol)):
         registry.get(name)
-    methods = METHODS.names() if args.method == "all" else args.method.split(",")
+    # "nws, finetune" is read as "nws,finetune"; a name or seed given twice is one run (two
+    # jobs of one run would only meet at its lock)
+    methods = METHODS.names() if args.method.strip() == "all" else list(dict.fromkeys(
+        name.strip() for name in args.method.split(",")))
     for name in methods:
         METHODS.get(name)
-    seeds = args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])
+    from benchmarks.protocols import resolve_protocol
+
+    for flag in ("out", "checkpoint_dir", "kernels_dir"):
+        folder = getattr(args, flag)
+        if folder and Path(folder).expanduser().exists() and not Path(
+                folder).expanduser().is_dir():
+            raise ValueError(f"--{flag.replace('_', '-')} {folder} is a file; give a folder "
+                             f"(it is created if missing)")
+    CheckpointPolicy.parse(args.checkpoint_every)  # a sweep's jobs would all stop on it
+    overrides = _pairs(args.set, "--set")
+    resolve_protocol(args.protocol, args.benchmark).with_overrides(**overrides)  # checks them
+    bench_options = _pairs(args.bench_opt, "--bench-opt")
+    check_benchmark_options(args.benchmark, bench_options)
+    options = _pairs(args.opt, "--opt")
+    settings = {name: METHODS.get(name).settings(args.benchmark) for name in methods}
+    unknown = sorted(k for k in options if not any(k in s for s in settings.values()))
+    if unknown:  # a key some planned method takes goes to that method only
+        valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
+        raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
+                         f"options ({valid})")
+    seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
         data_root=args.data_root, out=args.out,
         pretrained=args.weights or args.pretrained, num_tasks=args.tasks,
         device=args.device, deterministic=args.deterministic, num_workers=args.workers,
-        protocol_overrides=_pairs(args.set, "--set"),
-        benchmark_options=_pairs(args.bench_opt, "--bench-opt"),
+        protocol_overrides=overrides,
+        benchmark_options=bench_options,
         # bars only on a terminal (tqdm writes to stderr); in logs one line per epoch
         progress=not args.no_progress and sys.stderr.isatty(),
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
         compile=args.compile, search=args.search,
     )
-    options = _pairs(args.opt, "--opt")
     return [RunConfig(method=name, seed=seed, method_options={
-                k: v for k, v in options.items() if k in METHODS.get(name).settings(
-                    args.benchmark)}, **base)
+                k: v for k, v in options.items() if k in settings[name]}, **base)
             for seed in seeds for name in methods]
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.lock import is_locked
+from benchmarks.results import COLUMNS, read_rows
 from benchmarks.sweep import Job, find_run_dir, sweep_dir
 
 STATES = ("done", "running", "partial", "failed", "missing")
@@ -72,8 +73,11 @@ def folder_progress(run_dir: Path) -> RunStatus:
     except (OSError, ValueError, KeyError):
         status.planned = None
     rows_path = run_dir / "rows.csv"
-    if rows_path.exists():
-        rows = pd.read_csv(rows_path)
+    try:
+        rows = read_rows(rows_path)
+    except ValueError as err:
+        rows, status.error = pd.DataFrame(columns=COLUMNS), str(err)
+    if not rows.empty:
         acc = rows[rows.metric == "accuracy"]
         own = acc[acc.task == acc.after_task]
         status.learned = len(set(own.task))
@@ -116,19 +120,26 @@ def job_status(out: str | Path, job: Job) -> RunStatus:
     return _decide(status, read_record(out, job.key))
 
 
+def _json_or_none(path: Path) -> dict | None:
+    """A job record, or None when absent or damaged (status reports what it can read)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def folder_statuses(out: str | Path) -> list[RunStatus]:
     """Every run folder under ``out`` (no plan: nothing can be missing), plus failed jobs
     that never made a folder."""
     out = Path(out).expanduser()
     found, seen = [], set()
     for config in sorted(out.glob("*/config.json")):
-        job = {}
-        if (config.parent / "job.json").exists():
-            job = json.loads((config.parent / "job.json").read_text())
-            seen.add(job.get("key"))
+        job = _json_or_none(config.parent / "job.json") or {}
+        seen.add(job.get("key"))
         found.append(_decide(folder_progress(config.parent), job or None))
     for path in sorted((sweep_dir(out) / "jobs").glob("*.json")):
-        record = json.loads(path.read_text())
+        record = _json_or_none(path) or {}
         if record.get("key") not in seen and record.get("state") == "failed":
             found.append(_decide(RunStatus(record["key"], "missing"), record))
     return found
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                         "results/runs)")
     args, plan_flags = p.parse_known_args(argv)
     run_parser = cli.parser()
+    run_parser.prog = p.prog  # its errors name this command
     run_args = run_parser.parse_args(plan_flags)  # the sweep's own flags (launcher's too)
     results = args.results or run_args.out
     if not Path(results).is_dir() and not plan_flags:

@@ -116,6 +116,13 @@ def _refuse(path: Path, why: str) -> WeightsFileError:
     )
 
 
+def _damaged(path: Path, why: str) -> WeightsFileError:
+    """A file no reader can parse: no extraction snippet (torch.load cannot read it either)."""
+    return WeightsFileError(
+        f"weights file {path}: {why}. It may be incomplete (an interrupted download or copy) "
+        f"or another kind of file: check the path, or download it again")
+
+
 def read_file(path: str | Path) -> Any:
     """The file's content: a dict of tensors (safetensors) or what ``torch.load`` returns
     under ``weights_only=True``. Raises :class:`WeightsFileError`."""
@@ -127,7 +134,7 @@ def read_file(path: str | Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as err:
-            raise _refuse(path, f"not a readable safetensors file ({err})") from err
+            raise _damaged(path, f"not a readable safetensors file ({err})") from err
     try:
         with _allowing_safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -136,8 +143,8 @@ def read_file(path: str | Path) -> Any:
         detail = f"torch refused {refused.group(1)}" if refused else str(err).splitlines()[0]
         raise _refuse(path, f"holds objects that are not plain data ({detail})") from err
     except Exception as err:  # a damaged or foreign file: torch raises many kinds
-        raise _refuse(path, "not a torch or safetensors weights file "
-                            f"({type(err).__name__}: {err})") from err
+        raise _damaged(path, "not a torch or safetensors weights file "
+                             f"({type(err).__name__}: {str(err)[:200]})") from err
 
 
 def _tensor_items(obj: dict) -> dict[str, torch.Tensor]:

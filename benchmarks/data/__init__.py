@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, default_data_root
 from benchmarks.registry import Registry
 
@@ -23,4 +26,24 @@ BENCHMARKS.register(
     "generated images for tests; results are marked synthetic",
 )
 
-__all__ = ["BENCHMARKS", "Benchmark", "DataUnavailableError", "Task", "default_data_root"]
+
+def benchmark_option_names(name: str) -> list[str]:
+    """The ``--bench-opt`` keys benchmark ``name``'s builder takes (its keyword parameters
+    after the data root)."""
+    params = list(inspect.signature(BENCHMARKS.get(name)).parameters.values())[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_benchmark_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` (CLI exit 2) naming the valid keys when ``options`` holds a key
+    benchmark ``name`` does not take (before any job is planned or data is read)."""
+    valid = benchmark_option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown --bench-opt key(s) {', '.join(unknown)} for benchmark {name}; valid: "
+            f"{', '.join(valid) or 'none (it takes no options)'}")
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "DataUnavailableError", "Task", "benchmark_option_names",
+           "check_benchmark_options", "default_data_root"]

@@ -69,6 +69,10 @@ def check_layout(root: Path, listings: dict[tuple[str, str], TreeListing] | None
             tree = listings[name, split]
             if not tree.classes:
                 problems.append(f"{folder} has no class folders")
+            elif len(tree.classes) == 1:  # e.g. <split>/images/<class>/: one class of all
+                problems.append(f"{folder} has one class folder ({tree.classes[0]!r}); a task "
+                                f"needs >= 2: is there an extra folder level? (expected "
+                                f"{folder}/<class>/<images>)")
             empty = tree.empty_classes()
             if empty:
                 problems.append(f"{folder}: class folders without images: {sorted(empty)[:5]}")
@@ -116,6 +120,9 @@ def build(data_root: Path, verify: str = "header", cache_dir: str | None = None)
     ``--bench-opt cache_dir=DIR``)."""
     root = Path(data_root).expanduser().resolve()
     cache = Path(cache_dir).expanduser().resolve() if cache_dir else None
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise ValueError(f"--bench-opt cache_dir={cache_dir}: {cache} is a file; give a folder "
+                         f"(it is created if missing)")
     listings = list_trees(root)
     problems = check_layout(root, listings)
     if problems:

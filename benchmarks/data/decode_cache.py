@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,14 @@ class DecodedImages(Dataset):
 
     def __init__(self, folder: Any, first_step: Callable, size: int,
                  augment: BatchAugment | ResizedCropAugment, cache_dir: Path | None,
-                 name: str, data_root: Path | None = None, progress: bool = True) -> None:
+                 name: str, data_root: Path | None = None, progress: bool | None = None
+                 ) -> None:
         self.folder, self.first_step, self.size = folder, first_step, size
         self.batch_augment, self.cache_dir, self.name = augment, cache_dir, name
         self.data_root = data_root
-        self.progress = progress
+        # None: a bar only on a terminal, as the CLI's (in a job's log it would be a stream of
+        # carriage-return frames); build_cache logs one line either way
+        self.progress = sys.stderr.isatty() if progress is None else progress
         self._images: np.ndarray | None = None
         self._on_device: DeviceBatches | None = None
 

@@ -23,6 +23,11 @@ LAUNCHERS.register("slurm", "benchmarks.launch.slurm:launch_slurm",
                    "a SLURM job array through submitit, requeued on timeout or preemption")
 
 
+# The smallest value of each count flag (dest: least); below it a launch stops (exit 2).
+LEAST = {"jobs": 1, "per_gpu": 1, "threads": 1, "parallelism": 1, "max_requeue": 0,
+         "slurm_gpus": 0, "slurm_cpus": 1, "mem_gb": 0.001}
+
+
 def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launcher", "how the runs are placed (never passed to a run)")
     g.add_argument("--launcher", default="inline", choices=["inline", *LAUNCHERS.names()],
@@ -75,7 +80,23 @@ def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]
 
 
 def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Plan, then print (``--dry-run``) or place the jobs with ``--launcher``."""
+    """Plan, then print (``--dry-run``) or place the jobs with ``--launcher``. Raises
+    ``ValueError`` (CLI exit 2) for a count below 1, ``WeightsUnavailableError`` for a weights
+    file that is not there or does not fit ``--arch``."""
+    flags = {a.dest: a.option_strings[-1] for a in p._actions}
+    for dest, least in LEAST.items():
+        value = getattr(args, dest)
+        if value is not None and value < least:
+            raise ValueError(f"{flags[dest]} must be >= {least}, got {value}")
+    source = args.weights or args.pretrained
+    if source not in (None, "imagenet", "none"):  # every job would stop on a bad file
+        from benchmarks.archs import Pretrained
+
+        Pretrained(args.arch, str(Path(source).expanduser()))  # WeightsUnavailableError
+    if args.launcher == "local":  # its jobs see this machine's devices (not so on SLURM)
+        from benchmarks.device_policy import resolve_device
+
+        resolve_device(args.device)
     jobs = plan_jobs(p, args)
     if args.dry_run:
         print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")

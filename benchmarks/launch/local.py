@@ -5,8 +5,9 @@ GPU, each pinned to its GPU with ``CUDA_VISIBLE_DEVICES`` (so ``--device auto`` 
 one). Each job gets ``cores // slots`` threads unless ``--threads`` is given (torch's, and
 ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set before it starts), its own log
 ``<out>/.sweep/logs/<key>.log``, and prints one line when it ends, with an ETA for the sweep
-(mean time of the finished jobs x jobs left / slots). Ctrl-C stops every job (each resumes
-from its run folder when launched again). Exit status: 0 if every job finished, else 1.
+(mean time of the finished jobs x jobs left / slots). Ctrl-C, SIGTERM or SIGHUP to the
+launcher stops every job (each resumes from its run folder when launched again). Exit
+status: 0 if every job finished, else 1.
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ def _clock(seconds: float) -> str:
 def slots_for(args: argparse.Namespace) -> list[str | None]:
     """One entry per concurrent job: the GPU it is pinned to, or None (no pinning)."""
     if args.per_gpu is None:
-        return [None] * max(1, args.jobs or 1)
-    if args.per_gpu < 1:
-        raise ValueError(f"--per-gpu must be >= 1, got {args.per_gpu}")
+        return [None] * (args.jobs or 1)
     gpus = args.gpus or os.environ.get("CUDA_VISIBLE_DEVICES")
     if gpus:
         ids = [g.strip() for g in gpus.split(",") if g.strip()]
@@ -49,6 +48,16 @@ def slots_for(args: argparse.Namespace) -> list[str | None]:
         raise ValueError("--per-gpu: no GPU visible; give --gpus 0,1,... or use --jobs N")
     slots = [g for g in ids for _ in range(args.per_gpu)]
     return slots[: args.jobs] if args.jobs else slots
+
+
+# Signals that stop the launcher like Ctrl-C: its jobs run in their own sessions (so a
+# terminal's Ctrl-C reaches only the launcher), so a launcher ended by `kill` or a closed
+# terminal must stop them itself or they run on, orphaned.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @dataclass
@@ -71,6 +80,7 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
           f"{logs}", flush=True)
     pending, running, free = list(jobs), [], list(range(len(slots)))
     durations, failed, sweep_start = [], 0, time.time()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in _STOP_SIGNALS}
     try:
         while pending or running:
             while pending and free:
@@ -114,6 +124,9 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
             r.proc.wait()
         print("stopped; launch again to resume every run from its folder", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     from benchmarks.run import summarise
     from benchmarks.sweep import find_run_dir
 

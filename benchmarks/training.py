@@ -5,6 +5,8 @@ device for in-memory data), progress, and phase checkpoints to resume a killed p
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import math
 import os
@@ -270,17 +272,42 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
              "stats": asdict(stats), "running": None if running is None else running.item(),
              "rng": _rng_state(trainer.device)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    tmp, tmp_digest = (path.with_name(path.name + ".tmp"),
+                       path.with_name(_digest_path(path).name + ".tmp"))
+    tmp.write_bytes(data)
+    tmp_digest.write_text(_digest(data))
     os.replace(tmp, path)
+    os.replace(tmp_digest, _digest_path(path))
+
+
+def _digest_path(path: Path) -> Path:
+    """The checksum beside a phase checkpoint (``task000-1-nws.pt.blake2b``)."""
+    return path.with_name(path.name + ".blake2b")
+
+
+def _digest(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents on the CPU, whatever device wrote it (placing them is
     :func:`_restore`'s job: ``map_location=<cuda>`` would put the RNG states on the GPU,
-    where ``torch.set_rng_state`` refuses them)."""
+    where ``torch.set_rng_state`` refuses them).
+
+    ``ValueError`` when the file's checksum (written beside it) does not match: torch's zip
+    reader does not check CRCs, so damaged tensor bytes would otherwise load as silently
+    wrong weights. A checkpoint without a checksum file (older runs, or a kill between the
+    two renames) is read unchecked; one whose checksum is stale (the same kill, the other
+    order) fails the check and its phase starts over: lost work, never a wrong resume."""
+    data = path.read_bytes()
+    digest = _digest_path(path)
+    if digest.exists() and digest.read_text().strip() != _digest(data):
+        raise ValueError(f"checksum mismatch against {digest.name} (a damaged file)")
     # our own file, holding numpy's RNG state: not loadable with weights_only
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def _restore(state: dict[str, Any], trainer: Trainer, stats: FitStats, path: Path

@@ -360,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    if args.skip else [])
     except (ValueError, RuntimeError) as err:
         p.exit(2, f"{p.prog}: error: {err}\n")
+    # BatchNorm cannot train on one image; a timing needs a step; (flag, value, least)
+    for flag, value, least in (("--batch", args.batch, 2), ("--steps", args.steps, 1),
+                               ("--warmup", args.warmup, 0), ("--size", args.size, 1),
+                               ("--resume-images", args.resume_images, 2)):
+        if value < least:
+            p.exit(2, f"{p.prog}: error: {flag} {value}: give {least} or more\n")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: no CUDA device is visible; run the dry check with "
                   f"--device cpu\n")

@@ -54,6 +54,17 @@ def test_bad_input_exits_2(capsys):
         assert "--device cpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--batch", "1"), ("--steps", "0"), ("--warmup", "-1"),
+                                        ("--size", "0"), ("--resume-images", "1")])
+def test_sizes_too_small_exit_2_naming_the_flag(flag, value, capsys):
+    """Was: a FAIL row per method (BatchNorm's ValueError, an UnboundLocalError for 0 steps)
+    and a table of nan, as if the methods had failed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} {value}: give" in capsys.readouterr().err
+
+
 def test_paper_protocol_step_count():
     assert paper_steps("nws") == 20 * 100 * 79
     assert paper_steps("packnet") == 20 * 130 * 79  # + 30 retraining epochs per task

@@ -65,6 +65,24 @@ def test_sizes_too_small_exit_2_naming_the_flag(flag, value, capsys):
     assert f"{flag} {value}: give" in capsys.readouterr().err
 
 
+def test_the_projection_shows_only_timed_modes_and_flags_other_sizes():
+    """Was: with --compile off the compiled total repeated the eager one ("compiled where it
+    ran" = eager), with --compile on the eager total was nan, and a batch-4 dry run printed
+    a projected protocol time as if measured at the protocol's batch."""
+    from benchmarks.gpu_check import Report, Timing, table
+
+    report = Report("cpu", timings=[Timing("finetune", "fp32", False, 0.05, True)])
+    hours = 3 * paper_steps("finetune") / 0.05 / 3600
+    text = table(report, batch=32, size=32)
+    assert f"eager {hours:.2f} h" in text and "compiled" not in text.split("\n")[-1]
+    assert "| finetune | fp32 | 0.05 | - |" in text  # small rates keep their digits
+    assert "not a projection" not in text
+    assert "not a projection of the protocol" in table(report, batch=4, size=16)
+    only_compiled = Report("cpu", timings=[Timing("finetune", "fp32", True, 2.0, True)])
+    last = table(only_compiled).split("\n")[-1]
+    assert "compiled where it ran" in last and "eager" not in last and "nan" not in last
+
+
 def test_paper_protocol_step_count():
     assert paper_steps("nws") == 20 * 100 * 79
     assert paper_steps("packnet") == 20 * 130 * 79  # + 30 retraining epochs per task

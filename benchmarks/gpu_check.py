@@ -49,7 +49,14 @@ import torch
 
 from benchmarks.methods import METHODS
 from benchmarks.opcount import OpCounter
-from benchmarks.profile import build_method, build_trainer, cuda_code_path, synthetic_batch
+from benchmarks.profile import (
+    STEP_FLOORS,
+    build_method,
+    build_trainer,
+    cuda_code_path,
+    require_at_least,
+    synthetic_batch,
+)
 
 AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 PAPER_TASKS, PAPER_EPOCHS, PAPER_STEPS, PAPER_SEEDS = 20, 100, 79, 3  # Split-CIFAR-100
@@ -370,12 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    if args.skip else [])
     except (ValueError, RuntimeError) as err:
         p.exit(2, f"{p.prog}: error: {err}\n")
-    # BatchNorm cannot train on one image; a timing needs a step; (flag, value, least)
-    for flag, value, least in (("--batch", args.batch, 2), ("--steps", args.steps, 1),
-                               ("--warmup", args.warmup, 0), ("--size", args.size, 1),
-                               ("--resume-images", args.resume_images, 2)):
-        if value < least:
-            p.exit(2, f"{p.prog}: error: {flag} {value}: give {least} or more\n")
+    require_at_least(p, args, STEP_FLOORS | {"steps": 1, "resume_images": 2})
     if device.type == "cuda" and not torch.cuda.is_available():
         p.exit(2, f"{p.prog}: error: no CUDA device is visible; run the dry check with "
                   f"--device cpu\n")

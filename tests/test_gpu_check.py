@@ -54,7 +54,7 @@ def test_bad_input_exits_2(capsys):
         assert "--device cpu" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag,value", [("--batch", "1"), ("--steps", "0"), ("--warmup", "-1"),
+@pytest.mark.parametrize("flag,value", [("--batch", "1"), ("--steps", "0"), ("--warmup", "0"),
                                         ("--size", "0"), ("--resume-images", "1")])
 def test_sizes_too_small_exit_2_naming_the_flag(flag, value, capsys):
     """Was: a FAIL row per method (BatchNorm's ValueError, an UnboundLocalError for 0 steps)

@@ -182,11 +182,13 @@ class CheckpointPolicy:
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_workers: int,
-           shuffle: bool = True, drop_last: bool = False) -> DataLoader:
+           shuffle: bool = True, drop_last: bool = False, pin_memory: bool = False
+           ) -> DataLoader:
     """A loader whose order and augmentation are pure functions of (seed, coords) (the
     per-image path: folder trees such as CUB-to-Sketches, or data on the device turned off).
     ``drop_last=False`` keeps a last partial batch; :func:`fit` still skips one of a single
-    image (see :func:`benchmarks.data.batches.batches_per_epoch`)."""
+    image (see :func:`benchmarks.data.batches.batches_per_epoch`). ``pin_memory``:
+    :attr:`DevicePolicy.pin_memory` (was: whenever CUDA was visible, also for CPU runs)."""
     aug_seed = derive_seed(seed, *coords, "augment")
     seed_global(seed, *coords, "augment")  # augmentation in the main process
 
@@ -201,7 +203,7 @@ def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_work
         drop_last=shuffle and drop_last and len(dataset) > batch_size,
         num_workers=num_workers,
         worker_init_fn=init_worker if num_workers else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
 
@@ -216,11 +218,12 @@ def _on_device(dataset: Dataset, policy: DevicePolicy | None) -> DeviceBatches |
 
 
 def _epoch_batches(dataset: Dataset, on_device: DeviceBatches | None, protocol: Protocol,
-                   seed: int, coords: tuple, num_workers: int) -> Iterator:
+                   seed: int, coords: tuple, num_workers: int, pin_memory: bool = False
+                   ) -> Iterator:
     """One epoch's (x, y) batches from the streams of ``coords`` = (task, phase, epoch)."""
     if on_device is None:
         return iter(loader(dataset, protocol.batch_size, seed, coords, num_workers,
-                           drop_last=protocol.drop_last))
+                           drop_last=protocol.drop_last, pin_memory=pin_memory))
     seed_global(seed, *coords, "augment")  # the global streams, as the loader path seeds them
     augment = device_generator(derive_seed(seed, *coords, "augment"), on_device.device)
     return on_device.epoch(protocol.batch_size, generator(seed, *coords, "order"), augment,
@@ -400,7 +403,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
 
     for epoch in range(first, protocol.epochs):
         batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
-                                 num_workers)
+                                 num_workers, policy.pin_memory)
         for i, (x, y) in enumerate(batches):
             if i >= per_epoch:
                 break

@@ -83,6 +83,20 @@ def test_the_projection_shows_only_timed_modes_and_flags_other_sizes():
     assert "compiled where it ran" in last and "eager" not in last and "nan" not in last
 
 
+def test_a_compiled_cpu_step_says_its_syncs_were_counted_eagerly(monkeypatch, capsys):
+    """Measured: under the op counter a compiled CPU step dispatches the eager step's ops
+    (297 = 297 for finetune, batch 2, 16x16), so its PASS must not read as a check of the
+    compiled graph."""
+    from benchmarks.gpu_check import Report, Timing, check_steps
+
+    monkeypatch.setattr(gpu_check, "time_steps", lambda m, a, c, d, **kw: Timing(m, a, c, 5.0,
+                                                                                   True))
+    report = Report("cpu")
+    check_steps(report, ["finetune"], ["fp32"], [False, True], torch.device("cpu"))
+    eager, compiled = (c.detail for c in report.checks)
+    assert "eager ops" not in eager and "counted on the eager ops" in compiled
+
+
 def test_paper_protocol_step_count():
     assert paper_steps("nws") == 20 * 100 * 79
     assert paper_steps("packnet") == 20 * 130 * 79  # + 30 retraining epochs per task

@@ -227,7 +227,7 @@ def build_figures(results: str | Path, out: str | Path, benchmark: str | None = 
             files += accuracy_matrices(group, out, f"accuracy_matrix_{tag}")
             fig4 = figure4(group, out, f"fig4_{tag}")
             if not fig4:
-                messages.append(f"fig4_{tag}: no NWS run with an artifact store "
+                messages.append(f"fig4_{tag}: no NWS run with a readable artifact store "
                                 f"({len(_nws_runs(group))} NWS run(s)): not drawn")
             files += fig4
     return files, messages

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import pandas as pd
 from analysis.counts import class_counts
 from benchmarks.methods import METHODS
 from benchmarks.store import ArtifactStore
+
+log = logging.getLogger(__name__)
 
 PAPER_POOL_SIZE = 512  # paper §4.3: n^l = 512 kernels per pool
 
@@ -174,12 +177,21 @@ def method_hook(method: str, hook: str) -> Callable[..., Any] | int | None:
 
 
 def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:
-    """Per task, the integer streams the method's ``hook`` reads from the run's store."""
+    """Per task, the integer streams the method's ``hook`` reads from the run's store.
+
+    A store that cannot be read (a blob's file missing or damaged, a delta chain broken:
+    the method's own error, e.g. :class:`benchmarks.nws_method.BrokenChainError`) is logged
+    as a warning naming the run and the error and counts as no store ({}): the analyses
+    that need the streams leave the run out, the rest of the analysis goes on."""
     fn = method_hook(run.registered_method, hook)
     store = run.store() if callable(fn) else None
     if store is None:
         return {}
-    return {t: {k: np.asarray(v) for k, v in fn(store, t).items()} for t in store.tasks()}
+    try:
+        return {t: {k: np.asarray(v) for k, v in fn(store, t).items()} for t in store.tasks()}
+    except (OSError, ValueError) as err:
+        log.warning("run %s left out of the analyses of its stored tasks: %s", run.dir, err)
+        return {}
 
 
 def pool_size(run: Run) -> int:

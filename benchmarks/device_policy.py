@@ -97,6 +97,13 @@ class DevicePolicy:
         """The ``torch.compile`` mode of the training step, or None when not compiling."""
         return compile_mode(self.device) if self.compile else None
 
+    @property
+    def pin_memory(self) -> bool:
+        """Whether host batches (the DataLoader path) go to page-locked memory: when training
+        on CUDA, so that the step's ``non_blocking`` copy overlaps; never otherwise (a CPU
+        run on a machine with a GPU pins nothing)."""
+        return self.device.type == "cuda"
+
     def describe(self) -> dict[str, Any]:
         """JSON-ready, for ``env.json``."""
         return asdict(self) | {"device": str(self.device)}

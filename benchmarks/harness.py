@@ -76,7 +76,8 @@ class RunConfig:
     # run's identity: the same numerics up to floating-point reordering.
     compile: bool = False
     # The NWS search path (full | certificates); None: the device's default (DevicePolicy).
-    # Not part of the identity: both are the exact nearest entry, ties to the lowest index.
+    # Part of the identity of methods listing it in ``policy_fields`` (NWS): the paths can
+    # differ on float32 near ties, so a resume under the other path is refused.
     search: str | None = None
     # When a training phase writes its checkpoint: epochs ("5") or a time ("10m"); the last
     # epoch of a phase always. Not part of the run's identity: it never changes results.

@@ -62,7 +62,10 @@ class LossMonitor:
         values = torch.stack([loss.detach().float(), running.detach().float()])
         self._host.copy_(values, non_blocking=self._event is not None)
         if self._event is not None:
-            self._event.record()
+            # on the stream the copy went to: that of the values' device, which need not be
+            # the current device (``--device cuda:1``); a bare ``record()`` would mark cuda:0's
+            # stream and ``_landed`` could read the buffer before the copy arrived
+            self._event.record(torch.cuda.current_stream(values.device))
         self._pending = step
 
     def _landed(self) -> LossReading | None:

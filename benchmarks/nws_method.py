@@ -120,6 +120,11 @@ class NWSMethod(Method):
         if self.opt["codec"] not in codec.TASK_CODECS:
             raise ValueError(f"option codec={self.opt['codec']!r}: valid {codec.TASK_CODECS}")
         self.keyframe_every = keyframe_interval(self.opt.get("keyframe_every"))
+        if self.keyframe_every is not None and self.opt["codec"] != codec.DELTA:
+            # a no-op otherwise, yet part of the run identity: a silently different run id
+            raise ValueError(f"option keyframe_every={self.opt['keyframe_every']!r} applies "
+                             f"only to codec=delta (codec is {self.opt['codec']!r}): add "
+                             f"--opt codec=delta or drop keyframe_every")
 
     # -- pools -------------------------------------------------------------------------------
     def _pools_source(self) -> str:

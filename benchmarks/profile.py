@@ -214,6 +214,21 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
+STEP_FLOORS = {"batch": 2, "size": 1, "warmup": 1}
+"""Least values of the step-size flags: BatchNorm cannot train on one image; the first step
+creates the optimiser state and the methods' cached index tensors (not a steady state)."""
+
+
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     floors: dict[str, int]) -> None:
+    """Exit 2 naming the first flag of ``floors`` (argument name -> least value) below it."""
+    for name, least in floors.items():
+        value = getattr(args, name)
+        if value < least:
+            flag = "--" + name.replace("_", "-")
+            parser.exit(2, f"{parser.prog}: error: {flag} {value}: give {least} or more\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0],
@@ -234,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ARCHS.get(args.arch)
     except (KeyError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err.args[0] if err.args else err}\n")
+    require_at_least(parser, args, STEP_FLOORS)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     rows = profile(methods, arch=args.arch, batch=args.batch, size=args.size,
                    search=args.search, phase=args.phase, warmup=args.warmup)

@@ -5,6 +5,8 @@ device for in-memory data), progress, and phase checkpoints to resume a killed p
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import logging
 import math
 import os
@@ -180,11 +182,13 @@ class CheckpointPolicy:
 
 
 def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_workers: int,
-           shuffle: bool = True, drop_last: bool = False) -> DataLoader:
+           shuffle: bool = True, drop_last: bool = False, pin_memory: bool = False
+           ) -> DataLoader:
     """A loader whose order and augmentation are pure functions of (seed, coords) (the
     per-image path: folder trees such as CUB-to-Sketches, or data on the device turned off).
     ``drop_last=False`` keeps a last partial batch; :func:`fit` still skips one of a single
-    image (see :func:`benchmarks.data.batches.batches_per_epoch`)."""
+    image (see :func:`benchmarks.data.batches.batches_per_epoch`). ``pin_memory``:
+    :attr:`DevicePolicy.pin_memory` (was: whenever CUDA was visible, also for CPU runs)."""
     aug_seed = derive_seed(seed, *coords, "augment")
     seed_global(seed, *coords, "augment")  # augmentation in the main process
 
@@ -199,7 +203,7 @@ def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_work
         drop_last=shuffle and drop_last and len(dataset) > batch_size,
         num_workers=num_workers,
         worker_init_fn=init_worker if num_workers else None,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
 
@@ -214,11 +218,12 @@ def _on_device(dataset: Dataset, policy: DevicePolicy | None) -> DeviceBatches |
 
 
 def _epoch_batches(dataset: Dataset, on_device: DeviceBatches | None, protocol: Protocol,
-                   seed: int, coords: tuple, num_workers: int) -> Iterator:
+                   seed: int, coords: tuple, num_workers: int, pin_memory: bool = False
+                   ) -> Iterator:
     """One epoch's (x, y) batches from the streams of ``coords`` = (task, phase, epoch)."""
     if on_device is None:
         return iter(loader(dataset, protocol.batch_size, seed, coords, num_workers,
-                           drop_last=protocol.drop_last))
+                           drop_last=protocol.drop_last, pin_memory=pin_memory))
     seed_global(seed, *coords, "augment")  # the global streams, as the loader path seeds them
     augment = device_generator(derive_seed(seed, *coords, "augment"), on_device.device)
     return on_device.epoch(protocol.batch_size, generator(seed, *coords, "order"), augment,
@@ -270,17 +275,42 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
              "stats": asdict(stats), "running": None if running is None else running.item(),
              "rng": _rng_state(trainer.device)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    tmp, tmp_digest = (path.with_name(path.name + ".tmp"),
+                       path.with_name(_digest_path(path).name + ".tmp"))
+    tmp.write_bytes(data)
+    tmp_digest.write_text(_digest(data))
     os.replace(tmp, path)
+    os.replace(tmp_digest, _digest_path(path))
+
+
+def _digest_path(path: Path) -> Path:
+    """The checksum beside a phase checkpoint (``task000-1-nws.pt.blake2b``)."""
+    return path.with_name(path.name + ".blake2b")
+
+
+def _digest(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents on the CPU, whatever device wrote it (placing them is
     :func:`_restore`'s job: ``map_location=<cuda>`` would put the RNG states on the GPU,
-    where ``torch.set_rng_state`` refuses them)."""
+    where ``torch.set_rng_state`` refuses them).
+
+    ``ValueError`` when the file's checksum (written beside it) does not match: torch's zip
+    reader does not check CRCs, so damaged tensor bytes would otherwise load as silently
+    wrong weights. A checkpoint without a checksum file (older runs, or a kill between the
+    two renames) is read unchecked; one whose checksum is stale (the same kill, the other
+    order) fails the check and its phase starts over: lost work, never a wrong resume."""
+    data = path.read_bytes()
+    digest = _digest_path(path)
+    if digest.exists() and digest.read_text().strip() != _digest(data):
+        raise ValueError(f"checksum mismatch against {digest.name} (a damaged file)")
     # our own file, holding numpy's RNG state: not loadable with weights_only
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
 
 
 def _restore(state: dict[str, Any], trainer: Trainer, stats: FitStats, path: Path
@@ -373,7 +403,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
 
     for epoch in range(first, protocol.epochs):
         batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
-                                 num_workers)
+                                 num_workers, policy.pin_memory)
         for i, (x, y) in enumerate(batches):
             if i >= per_epoch:
                 break

@@ -54,6 +54,49 @@ def test_bad_input_exits_2(capsys):
         assert "--device cpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--batch", "1"), ("--steps", "0"), ("--warmup", "0"),
+                                        ("--size", "0"), ("--resume-images", "1")])
+def test_sizes_too_small_exit_2_naming_the_flag(flag, value, capsys):
+    """Was: a FAIL row per method (BatchNorm's ValueError, an UnboundLocalError for 0 steps)
+    and a table of nan, as if the methods had failed."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} {value}: give" in capsys.readouterr().err
+
+
+def test_the_projection_shows_only_timed_modes_and_flags_other_sizes():
+    """Was: with --compile off the compiled total repeated the eager one ("compiled where it
+    ran" = eager), with --compile on the eager total was nan, and a batch-4 dry run printed
+    a projected protocol time as if measured at the protocol's batch."""
+    from benchmarks.gpu_check import Report, Timing, table
+
+    report = Report("cpu", timings=[Timing("finetune", "fp32", False, 0.05, True)])
+    hours = 3 * paper_steps("finetune") / 0.05 / 3600
+    text = table(report, batch=32, size=32)
+    assert f"eager {hours:.2f} h" in text and "compiled" not in text.split("\n")[-1]
+    assert "| finetune | fp32 | 0.05 | - |" in text  # small rates keep their digits
+    assert "not a projection" not in text
+    assert "not a projection of the protocol" in table(report, batch=4, size=16)
+    only_compiled = Report("cpu", timings=[Timing("finetune", "fp32", True, 2.0, True)])
+    last = table(only_compiled).split("\n")[-1]
+    assert "compiled where it ran" in last and "eager" not in last and "nan" not in last
+
+
+def test_a_compiled_cpu_step_says_its_syncs_were_counted_eagerly(monkeypatch, capsys):
+    """Measured: under the op counter a compiled CPU step dispatches the eager step's ops
+    (297 = 297 for finetune, batch 2, 16x16), so its PASS must not read as a check of the
+    compiled graph."""
+    from benchmarks.gpu_check import Report, Timing, check_steps
+
+    monkeypatch.setattr(gpu_check, "time_steps", lambda m, a, c, d, **kw: Timing(m, a, c, 5.0,
+                                                                                   True))
+    report = Report("cpu")
+    check_steps(report, ["finetune"], ["fp32"], [False, True], torch.device("cpu"))
+    eager, compiled = (c.detail for c in report.checks)
+    assert "eager ops" not in eager and "counted on the eager ops" in compiled
+
+
 def test_paper_protocol_step_count():
     assert paper_steps("nws") == 20 * 100 * 79
     assert paper_steps("packnet") == 20 * 130 * 79  # + 30 retraining epochs per task

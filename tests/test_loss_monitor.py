@@ -59,3 +59,28 @@ def test_fit_still_stops_on_a_diverging_loss():
     with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf)"):
         fit(model, _Plain(), proto, bench.tasks[0].train, device=CPU, seed=0, task=0,
             phase="train", progress=False)
+
+
+def test_the_cuda_event_marks_the_stream_of_the_loss_device(monkeypatch):
+    """The CUDA branch (pinned buffer, event), emulated: the event is recorded on the stream
+    of the device that holds the loss (the copy's stream), not on the current device's."""
+    recorded, real_empty = [], torch.empty
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def query(self) -> bool:
+            return True
+
+        def synchronize(self) -> None:
+            pass
+
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream", device))
+    monitor = LossMonitor(torch.device("cuda", 1), every=1)
+    assert monitor.offer(1, torch.tensor(2.0), torch.tensor(3.0)) is None
+    assert recorded == [("stream", CPU)]  # the loss's device (CPU here), passed explicitly
+    reading = monitor.offer(2, torch.tensor(4.0), torch.tensor(5.0))
+    assert (reading.step, reading.loss, reading.running) == (1, 2.0, 3.0)

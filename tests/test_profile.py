@@ -30,3 +30,13 @@ def test_bad_input_exits_2_naming_the_valid_choices(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "valid" in capsys.readouterr().err or argv[0] == "--search"
+
+
+@pytest.mark.parametrize("flag,value", [("--batch", "1"), ("--size", "0"), ("--warmup", "0")])
+def test_step_sizes_below_their_floor_exit_2_naming_the_flag(flag, value, capsys):
+    """Was: a BatchNorm / conv2d traceback (batch 1, size 0), or a first step counted as the
+    steady state (warmup 0: optimiser-state creation in the count)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--method", "finetune", flag, value])
+    assert exit_info.value.code == 2
+    assert f"{flag} {value}: give" in capsys.readouterr().err

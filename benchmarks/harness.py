@@ -151,19 +151,13 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
     """Raise :class:`RunConflictError` unless the run in ``folder`` (its ``previous``
     identity) is the run ``identity`` describes."""
     identity = json.loads(json.dumps(identity, default=str))
-    was, now = previous.get("device_type"), identity["device_type"]
-    if was is not None and was != now:
-        raise RunConflictError(
-            f"{folder} was started on a {was} device and this command runs on {now}: resuming "
-            f"would mix two numerics in one result. Resume it with --device {was}, or start "
-            f"afresh on {now} with another --out (or delete that folder)")
     for key in sorted(set(previous) | set(identity)):
-        if key.startswith("policy_") and previous.get(key) != identity.get(key):
-            flag = key.removeprefix("policy_")
+        flag, was, now = _resume_flag(key), previous.get(key), identity.get(key)
+        if flag is not None and was is not None and was != now:
             raise RunConflictError(
-                f"{folder} was started with --{flag} {previous.get(key)} and this command uses "
-                f"{identity.get(key)}: resuming would mix the two in one result. Resume it "
-                f"with --{flag} {previous.get(key)}, or start afresh with another --out")
+                f"{folder} was started on a {was} {flag} and this command runs on {now}: "
+                f"resuming would mix two numerics in one result. Resume it with --{flag} "
+                f"{was}, or start afresh on {now} with another --out (or delete that folder)")
     if previous != identity:
         differ = sorted(k for k in set(previous) | set(identity)
                         if previous.get(k) != identity.get(k))
@@ -171,6 +165,15 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
             f"{folder} holds a run with another configuration (differs in: "
             f"{', '.join(differ)}); choose another --out, or delete that folder to start over"
         )
+
+
+def _resume_flag(key: str) -> str | None:
+    """The CLI flag that chose identity ``key`` where a resume under another choice is
+    refused with how to go on: the device type (``--device``) and a method's
+    ``policy_fields`` (``policy_search``: ``--search``); None for any other key."""
+    if key == "device_type":
+        return "device"
+    return key.removeprefix("policy_") if key.startswith("policy_") else None
 
 
 def run_id(cfg: RunConfig, identity: dict[str, Any]) -> str:

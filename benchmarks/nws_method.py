@@ -142,7 +142,7 @@ class NWSMethod(Method):
     def _search(self) -> str:
         """The NWS search path of the run's device policy (full on GPUs, certificates on CPU;
         ``$NWS_SEARCH`` forces either): the harness's policy when it passes one."""
-        policy = getattr(self.ctx, "policy", None) or DevicePolicy.for_device(self.ctx.device)
+        policy = self.ctx.policy or DevicePolicy.for_device(self.ctx.device)
         return policy.search
 
     def _nwsify(self, model: nn.Module, pools: nws.Pools) -> nn.Module:

@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks.archs import ARCHS, WeightsUnavailableError
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
+from benchmarks.device_policy import SEARCH_PATHS
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
 from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
@@ -102,9 +103,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="phase checkpoints under DIR/<run id>/ (e.g. node-local scratch; "
                         "default: the run folder's checkpoints/)")
-    r.add_argument("--search", choices=("full", "certificates"), default=None,
+    r.add_argument("--search", choices=SEARCH_PATHS, default=None,
                    help="NWS search path (default: certificates on CPU, full elsewhere; "
-                        "$NWS_SEARCH); both exact, so results do not depend on it")
+                        "$NWS_SEARCH); they differ only on float32 near ties, and a run keeps "
+                        "the path it started with")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (CUDA graphs on CUDA); off by default "
                         "until measured on a GPU (README: On a GPU)")

@@ -394,12 +394,13 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
     saved_epoch = first
     monitor = LossMonitor(device)  # loss read back without waiting for the device
 
-    def report(reading: LossReading | None, epoch: int) -> None:
-        if reading is None:
-            return
-        trainer.check_finite(reading.loss, reading.step)
-        bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}", loss=f"{reading.running:.3f}",
-                        lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
+    def report(reading: LossReading | None, epoch: int) -> LossReading | None:
+        if reading is not None:
+            trainer.check_finite(reading.loss, reading.step)
+            bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}",
+                            loss=f"{reading.running:.3f}",
+                            lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
+        return reading
 
     for epoch in range(first, protocol.epochs):
         batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
@@ -412,11 +413,11 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
             stats.steps += 1
             report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1), epoch)
             bar.update(1)
-        report(monitor.settle(), epoch)  # the one wait of an epoch
+        last_step = report(monitor.settle(), epoch)  # the one wait of an epoch: its last step
         trainer.sched.step()
         if not progress:  # no bar (e.g. output to a log): one line per epoch instead
             log.info("task %d [%s] epoch %d/%d: loss %.4f", task + 1, phase, epoch + 1,
-                     protocol.epochs, float("nan") if running is None else float(running))
+                     protocol.epochs, float("nan") if last_step is None else last_step.running)
         now = time.perf_counter()
         last = epoch + 1 == protocol.epochs
         if checkpoint is not None and (last or every.due(epoch + 1 - saved_epoch,

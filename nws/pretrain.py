@@ -154,11 +154,14 @@ def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Pa
     start_epoch, step = 0, 0
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # read on the CPU, then placed: load_state_dict copies into the model's tensors and
+        # the optimiser state follows its parameters' device (as the suite's phase checkpoints)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] or not scaler.is_enabled():  # empty where written with scaling off
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
     net = model
     if _is_dist():

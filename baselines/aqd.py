@@ -227,11 +227,11 @@ class QuantBank:
         """(channel id per weight, int32; weights per channel; LSQ factor per channel) on
         ``device``: shapes only, cached."""
         if device not in self._index:
-            counts = [m.per_channel for m in self.layers for _ in range(len(m.alpha_w))]
-            per = torch.tensor(counts, device=device)
+            per = torch.tensor([m.per_channel for m in self.layers for _ in range(len(m.alpha_w))],
+                               device=device)
             channel = torch.arange(len(per), device=device, dtype=torch.int32)
-            self._index[device] = (  # the total from the host list: no device read
-                channel.repeat_interleave(per, output_size=sum(counts)), per,
+            self._index[device] = (
+                channel.repeat_interleave(per, output_size=int(per.sum())), per,
                 1 / torch.sqrt(per.double() * self.qw).float())
         return self._index[device]
 

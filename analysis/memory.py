@@ -40,7 +40,6 @@ import argparse
 import functools
 import io
 import json
-import lzma
 import math
 import sys
 from collections.abc import Callable
@@ -51,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis.compressed import lzma_nbytes, lzma_nbytes_many
 from analysis.counts import ArchCounts, arch_counts, class_counts
 from analysis.paper import load_paper, paper_value
 from analysis.runs import (
@@ -77,15 +77,6 @@ QUANTISER_BUFFERS = {"embed": True, "cluster_size": False, "embed_avg": True,
 
 def mib(nbytes: float) -> float:
     return nbytes / MIB
-
-
-def lzma_nbytes(values: np.ndarray, dtype: str, passes: int = 1) -> int:
-    """Bytes of ``values`` stored as ``dtype`` (little-endian), then lzma (preset 6)
-    ``passes`` times over."""
-    data = np.ascontiguousarray(values, dtype=np.dtype(dtype)).tobytes()
-    for _ in range(passes):
-        data = lzma.compress(data)
-    return len(data)
 
 
 @functools.cache
@@ -186,11 +177,11 @@ def stream_model(method: str, runs: list[Run], benchmark: str, arch: str) -> Str
         streams = task_streams(run, spec.hook)
         if not streams:
             continue
-        real_bytes, real_symbols = {}, {}
-        for t, layers in streams.items():
-            flat = np.concatenate([v.ravel() for v in layers.values()])
-            real_bytes[t] = lzma_nbytes(flat, spec.dtype, spec.passes)
-            real_symbols[t] = flat.size
+        flats = {t: np.concatenate([v.ravel() for v in layers.values()])
+                 for t, layers in streams.items()}
+        sizes = lzma_nbytes_many(list(flats.values()), spec.dtype, spec.passes)
+        real_bytes = dict(zip(flats, sizes, strict=True))
+        real_symbols = {t: flat.size for t, flat in flats.items()}
         bits = 8 * sum(real_bytes.values()) / sum(real_symbols.values())
         return StreamModel(f"real: {len(streams)} task(s) of run {run.run_id}", _rate(bits),
                            real_bytes, real_symbols,

@@ -9,8 +9,22 @@ rounds reports ``extra_info["paired_ratio"]`` instead, printed as is.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+
+def pytest_configure(config) -> None:
+    """Derived-value caches (``analysis.compressed``) go to a folder of this session, not the
+    user's ``~/.cache``: tests neither read stale sizes nor leave files behind."""
+    os.environ["NWS_CACHE_DIR"] = tempfile.mkdtemp(prefix="nws-test-cache-")
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(os.environ.get("NWS_CACHE_DIR", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -120,3 +120,36 @@ def test_lzma_passes_compress_again() -> None:
     values = np.random.default_rng(1).integers(0, 512, 4096)
     once, twice = lzma_nbytes(values, "<i2"), lzma_nbytes(values, "<i2", passes=2)
     assert 4096 * 9 / 8 < once < 4096 * 2 and once < twice < once + 256
+
+
+def test_lzma_sizes_are_cached_by_content(tmp_path, monkeypatch) -> None:
+    """Sizes equal lzma's own; a second call reads the disk cache (lzma is not run again);
+    a changed stream is a new key; an unwritable cache folder still gives sizes."""
+    import lzma
+
+    import numpy as np
+
+    from analysis import compressed
+
+    monkeypatch.setenv("NWS_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(2)
+    streams = [rng.integers(0, 512, 3000) for _ in range(3)]
+    direct = [len(lzma.compress(lzma.compress(s.astype("<i2").tobytes()))) for s in streams]
+    assert compressed.lzma_nbytes_many(streams, "<i2", passes=2) == direct
+    assert any((tmp_path / "cache" / "lzma").rglob("*.pkl"))
+
+    def refuse(*_a, **_k):
+        raise AssertionError("lzma ran again for a cached stream")
+
+    monkeypatch.setattr(lzma, "compress", refuse)
+    assert compressed.lzma_nbytes_many(streams, "<i2", passes=2) == direct
+    changed = streams[0].copy()
+    changed[0] = (changed[0] + 1) % 512
+    with pytest.raises(AssertionError, match="lzma ran again"):
+        compressed.lzma_nbytes(changed, "<i2", passes=2)
+    monkeypatch.undo()
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("NWS_CACHE_DIR", str(blocked))
+    assert compressed.lzma_nbytes(streams[1], "<i2", passes=2) == direct[1]

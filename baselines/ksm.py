@@ -148,9 +148,9 @@ class KSM(Method):
             "temperature": S(100.0, KSM_CODE + ": sigmoid surrogate temperature"),
             "soft_weight": S(0.5, KSM_CODE + ": s = b + 0.5 a"),
             "quick_epochs": S(8, "ours, used only with quick: on a random frozen backbone "
-                                 "(split_digits, pretrained none, seed 1993) 4 epochs gave "
-                                 "75.4% on digits_89; 8 gave 99.2/100/99.2/100/96.6% on the "
-                                 "five tasks"),
+                                 "(split_digits at 32x32, pretrained none, seed 1993) 4 "
+                                 "epochs gave 75.4% on digits_89; 8 gave "
+                                 "99.2/100/99.2/100/96.6% on the five tasks"),
         }
     }
 

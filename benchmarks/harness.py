@@ -251,11 +251,12 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
                 "synthetic": bench.synthetic}
     finished = results.finished_tasks()
     tag = f"[{cfg.method} s{cfg.seed}]"
-    started, done_here = time.perf_counter(), 0
+    took: list[float] = []  # wall seconds of each task done in this launch
     for task, info in zip(bench.tasks, tasks, strict=True):
         t = info.index
         if t in finished:
             continue
+        task_started = time.perf_counter()
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, policy, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
@@ -271,7 +272,8 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         measured = {m: meta.get(m) for m in ("train_seconds", "train_steps", "final_train_loss")}
         measured |= method.task_metrics(info, store)
         measured |= {"task_bytes": store.nbytes(t), "shared_bytes": store.nbytes(None),
-                     "store_bytes": store.total_bytes()}
+                     "store_bytes": store.total_bytes(),
+                     "task_seconds": round(time.perf_counter() - task_started, 3)}
         rows += [{"task": t, "task_name": info.name, "after_task": t, "metric": m, "value": v}
                  for m, v in measured.items()]
         # The task's own accuracy row goes last: its presence marks the task finished.
@@ -279,14 +281,23 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         results.append([base_row | r for r in rows])
         own = next(r["value"] for r in rows if r["metric"] == "accuracy" and r["task"] == t)
         mean = sum(r["value"] for r in rows if r["metric"] == "accuracy") / (t + 1)
-        done_here += 1
+        took.append(time.perf_counter() - task_started)
         left = len(tasks) - t - 1
-        eta = (time.perf_counter() - started) / done_here * left
+        eta = _eta(took, left)
         print(f"{tag} task {t + 1}/{len(tasks)} {info.name}: acc {own:.1%} | mean over "
               f"{t + 1} {mean:.1%} | stored {store.total_bytes() / MIB:.2f} MiB | "
               f"{meta.get('train_seconds', float('nan')):.1f} s"
               + (f" | {left} left, ETA {_clock(eta)}" if left else ""), flush=True)
     return results.dir
+
+
+def _eta(took: list[float], left: int) -> float:
+    """Seconds for ``left`` more tasks, from the tasks done so far in this launch. The first
+    carries one-time costs (NWS's pools and CPU-kernel build, data caches): measured on the
+    mini benchmark, 13.6-60 s against 7 s for NWS's later tasks, so once a later task is
+    done the first is left out."""
+    later = took[1:] or took
+    return sum(later) / len(later) * left
 
 
 def _clock(seconds: float) -> str:

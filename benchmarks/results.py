@@ -15,6 +15,11 @@ Metrics (``task`` is the task measured, ``after_task`` the last task learned the
 - ``task_bytes``: payload bytes of ``task``'s blobs; ``shared_bytes`` and ``store_bytes``:
   the shared blobs and the whole store after ``after_task``.
 - ``train_seconds``, ``train_steps``, ``final_train_loss``: of learning ``task``.
+- ``task_seconds``: wall time of this launch's work on ``task``: learning it (model set-up,
+  NWS's pools, every phase), committing it to the store and evaluating every task learned so
+  far from the store; for a task found in the store but not evaluated (a resumed run), the
+  evaluation only. ``train_seconds`` and ``task_seconds`` are :data:`TIMING_METRICS`: they
+  differ between otherwise identical runs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import pandas as pd
 
 from benchmarks.store import atomic_write_text
 
+TIMING_METRICS = ("train_seconds", "task_seconds")
 COLUMNS = [
     "run_id", "benchmark", "method", "arch", "protocol", "seed", "synthetic",
     "task", "task_name", "after_task", "metric", "value",

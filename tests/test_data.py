@@ -121,7 +121,7 @@ def test_split_digits_is_real_fixed_and_balanced():
                                              "digits_67", "digits_89"]
     for t, u in zip(bench.tasks, again.tasks, strict=True):
         assert torch.equal(t.train.images, u.train.images)
-        assert t.train.images.shape[1:] == (3, 32, 32)
+        assert t.train.images.shape[1:] == (3, 24, 24)  # the default size (issue 17)
         assert set(t.train.labels.tolist()) == {0, 1}
         assert 0.3 < len(t.test) / (len(t.train) + len(t.test)) < 0.36
     assert not bench.synthetic and bench.default_pretrained == "none"

@@ -21,7 +21,7 @@ from benchmarks import run as cli
 from benchmarks.launch import plan_jobs
 from benchmarks.launch.job import job_command, read_record, run_job
 from benchmarks.lock import RunLock, is_locked, read_holder
-from benchmarks.results import load_rows
+from benchmarks.results import TIMING_METRICS, load_rows
 from benchmarks.status import job_status
 from benchmarks.store import ArtifactStore
 from benchmarks.sweep import find_run_dir
@@ -40,7 +40,7 @@ def _jobs(args: list[str]):
 def _results(out: Path) -> pd.DataFrame:
     """Every row but wall-clock time and the run id, in a fixed order."""
     df = load_rows(out)
-    df = df[df.metric != "train_seconds"].drop(columns="run_id")
+    df = df[~df.metric.isin(TIMING_METRICS)].drop(columns="run_id")
     return df.sort_values(["method", "seed", "after_task", "task", "metric"]).reset_index(
         drop=True)
 

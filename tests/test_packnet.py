@@ -128,3 +128,14 @@ def test_stored_bytes_equal_the_formula_by_blob(digits_run):
                                      PackNet.resolve_options("split_digits", {}))
     assert store.breakdown() == formula  # every blob, shared and per task
     assert DIGITS_TASKS == 5 and formula.shared["owners"] == 11_166_912 * 3 // 8  # ids 0..5
+
+
+def test_smallest_equals_a_stable_sort_with_ties():
+    from baselines.packnet import _smallest
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 7, (500,), generator=g).float()  # many ties
+    for k in (1, 37, 250, 499, 500):
+        want = torch.zeros(500, dtype=torch.bool)
+        want[torch.argsort(values, stable=True)[:k]] = True
+        assert torch.equal(_smallest(values, k), want), k

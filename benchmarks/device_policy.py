@@ -13,6 +13,11 @@ Defaults (decided here, measured where said):
   (:mod:`benchmarks.data.batches`, :mod:`benchmarks.data.decode_cache`). On by default
   everywhere (also CPU: 52k against 4.4k Split-CIFAR images/s per thread, measured by
   ``python -m benchmarks.data.throughput``); off, the per-image DataLoader path runs.
+- ``crop_resample``: how CUB-to-Sketches' random resized crops are resampled
+  (:class:`benchmarks.data.batches.ResizedCropAugment`): ``"per_image"`` on CPU (PyTorch's
+  uint8 resize per crop: reads the boxes on the host, 2.6x the batched path's images/s on 2
+  cores), ``"batched"`` elsewhere (one ``grid_sample`` of the batch: no host read, one
+  launch). ``$NWS_CROP_RESAMPLE`` forces either on any device (tests run both here).
 - ``compile``: ``torch.compile`` of the model in the training step; off unless asked for
   (``--compile``; not yet measured on a GPU). Mode: ``"reduce-overhead"`` (CUDA-graph
   capture of the forward and backward) on CUDA, the default (inductor kernels, no graphs)
@@ -22,16 +27,19 @@ Defaults (decided here, measured where said):
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 
+from benchmarks.data.batches import RESAMPLE_PATHS
 from nws.search import SEARCH_ENV, SEARCH_PATHS, search_path
 
 SearchPath = Literal["full", "certificates"]
-__all__ = ["SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy", "compile_mode", "compile_options",
-           "default_search", "resolve_device"]
+CROP_RESAMPLE_ENV = "NWS_CROP_RESAMPLE"
+__all__ = ["CROP_RESAMPLE_ENV", "SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy", "compile_mode",
+           "compile_options", "default_crop_resample", "default_search", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +67,16 @@ def default_search(device: torch.device) -> SearchPath:
     return search_path(device)  # type: ignore[return-value]
 
 
+def default_crop_resample(device: torch.device) -> str:
+    """``$NWS_CROP_RESAMPLE`` when set, else ``"per_image"`` on CPU and ``"batched"``
+    elsewhere (module doc). Raises ``ValueError`` for an unknown value."""
+    chosen = os.environ.get(CROP_RESAMPLE_ENV) or (
+        "per_image" if device.type == "cpu" else "batched")
+    if chosen not in RESAMPLE_PATHS:
+        raise ValueError(f"${CROP_RESAMPLE_ENV}={chosen!r}; valid: {', '.join(RESAMPLE_PATHS)}")
+    return chosen
+
+
 def compile_mode(device: torch.device) -> str:
     """``torch.compile`` mode for a training step on ``device``: CUDA graphs where the
     device has them (a captured step launches as one graph, the host is out of the loop),
@@ -79,6 +97,7 @@ class DevicePolicy:
     search: SearchPath
     data_on_device: bool = True
     compile: bool = False
+    crop_resample: str = "batched"
 
     @classmethod
     def for_device(cls, device: torch.device | str, *, search: str | None = None,
@@ -90,7 +109,8 @@ class DevicePolicy:
         if chosen not in SEARCH_PATHS:
             raise ValueError(f"search {chosen!r}; valid: {', '.join(SEARCH_PATHS)}")
         return cls(device, chosen,  # type: ignore[arg-type]
-                   True if data_on_device is None else data_on_device, compile)
+                   True if data_on_device is None else data_on_device, compile,
+                   default_crop_resample(device))
 
     @property
     def compile_mode(self) -> str | None:

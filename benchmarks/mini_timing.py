@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n| method | train s | task s | tasks | lowest task accuracy | mean |")
     print("|---|---|---|---|---|---|")
     for m, r in methods.iterrows():
-        print(f"| {m} | {r.train_s:.1f} | {r.task_s:.1f} | {r.tasks} | "
+        print(f"| {m} | {r.train_s:.1f} | {r.task_s:.1f} | {int(r.tasks)} | "
               f"{r.min_accuracy:.1%} | {r.mean_accuracy:.1%} |")
     run_s = dict(walls).get("benchmarks.run", 0.0)
     print(f"\nrun command: {methods.task_s.sum():.1f} s in tasks, "

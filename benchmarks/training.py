@@ -214,7 +214,7 @@ def _on_device(dataset: Dataset, policy: DevicePolicy | None) -> DeviceBatches |
     if (policy is None or not policy.data_on_device or not hasattr(dataset, "on_device")
             or getattr(dataset, "batch_augment", None) is None):
         return None
-    return dataset.on_device(policy.device)
+    return dataset.on_device(policy.device, policy.crop_resample)
 
 
 def _epoch_batches(dataset: Dataset, on_device: DeviceBatches | None, protocol: Protocol,

@@ -132,3 +132,70 @@ def test_a_resized_crop_samples_the_box_as_torchvisions_bilinear_resize():
         same = torch.allclose(out[inner], ref[inner], atol=0.01)
         mirrored = torch.allclose(out[inner], ref.flip(2)[inner], atol=0.01)
         assert same or mirrored
+
+
+@pytest.mark.parametrize("resample", ["batched", "per_image"])
+def test_both_resamplings_sample_the_box_as_torchvision(resample):
+    """Per image (uint8 resize, rounded like PIL's output) and batched (grid_sample): the
+    interior of a fixed box equals torchvision's resized_crop without antialiasing, within one
+    uint8 level (measured max 0.98: the kernel's fixed-point weights) and to float rounding
+    respectively; flipped, mirrored."""
+    import torchvision.transforms.functional as TF
+
+    img = torch.randint(0, 256, (1, 3, 80, 80), dtype=torch.uint8)
+    box = torch.tensor([[10.0, 20.0, 40.0, 50.0]])
+    fixed = type("Fixed", (ResizedCropAugment,), {"boxes": lambda self, *a: box})(
+        (0.0,) * 3, (1.0,) * 3, size=48, flip=True).placed(resample)
+    source = fixed.prepare(img)
+    tol = 1.0 if resample == "per_image" else 0.01  # uint8 kernel: fixed-point weights
+    flipped = set()
+    for seed in range(6):
+        out = fixed.take(source, torch.tensor([0]), device_generator(seed, CPU))[0] * 255
+        ref = TF.resized_crop(img[0].float(), 10, 20, 40, 50, [48, 48], antialias=False)
+        inner = (slice(None), slice(2, -2), slice(2, -2))
+        if torch.allclose(out[inner], ref[inner], atol=tol):
+            flipped.add(False)
+        else:
+            assert torch.allclose(out[inner], ref.flip(2)[inner], atol=tol)
+            flipped.add(True)
+        if resample == "per_image":  # whole uint8 levels
+            assert torch.equal(out.round(), out.round(decimals=4))
+    assert flipped == {False, True}
+
+
+def test_the_resamplings_draw_the_same_crops_flips_and_cutouts():
+    def both(aug, images, index):
+        return [aug.placed(r).take(aug.placed(r).prepare(images), index,
+                                   device_generator(7, CPU)) for r in ("batched", "per_image")]
+
+    index = torch.randperm(40)[:24]
+    flat = torch.full((40, 3, 64, 64), 200, dtype=torch.uint8)  # only Cutout makes zeros
+    a, b = both(ResizedCropAugment((0.5,) * 3, (0.25,) * 3, size=32, cutout=8), flat, index)
+    assert bool((a == 0).any()) and torch.equal(a == 0, b == 0)
+    images = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8)
+    a, b = both(ResizedCropAugment((0.5,) * 3, (0.25,) * 3, size=32), images, index)
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    # the same boxes and flips: pixels differ by at most one uint8 level (1 / 255 / std)
+    # but at the edge rows, where grid_sample and the resize kernel clamp differently
+    close = (a[inner] - b[inner]).abs() <= 1 / 255 / 0.25 + 1e-5
+    assert float(close.float().mean()) > 0.97
+
+
+def test_the_device_policy_picks_the_crop_resampling(monkeypatch):
+    from benchmarks.data.batches import DeviceBatches
+    from benchmarks.device_policy import CROP_RESAMPLE_ENV, DevicePolicy
+
+    monkeypatch.delenv(CROP_RESAMPLE_ENV, raising=False)
+    assert DevicePolicy.for_device("cpu").crop_resample == "per_image"
+    assert DevicePolicy.for_device(torch.device("meta")).crop_resample == "batched"
+    monkeypatch.setenv(CROP_RESAMPLE_ENV, "batched")
+    assert DevicePolicy.for_device("cpu").crop_resample == "batched"
+    monkeypatch.setenv(CROP_RESAMPLE_ENV, "bicubic")
+    with pytest.raises(ValueError, match="NWS_CROP_RESAMPLE='bicubic'"):
+        DevicePolicy.for_device("cpu")
+    aug = ResizedCropAugment((0.0,) * 3, (1.0,) * 3, size=16)
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    batches = DeviceBatches(images, torch.zeros(6), aug, CPU, "per_image")
+    assert batches.images is batches.source  # one channels-last copy, not two
+    assert batches.source.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batches.images, images)

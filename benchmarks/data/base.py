@@ -85,13 +85,15 @@ class TensorImages(Dataset):
         if transform is not None and batch_augment is None:
             self.batch_augment = None  # a per-image transform without a batch twin
 
-    def on_device(self, device: torch.device) -> DeviceBatches:
-        """This data set as one tensor on ``device`` (built once per device, then reused)."""
+    def on_device(self, device: torch.device, crop_resample: str = "batched") -> DeviceBatches:
+        """This data set as one tensor on ``device`` (built once per device and resampling,
+        then reused); ``crop_resample``: :class:`DevicePolicy`'s choice."""
         if self.batch_augment is None:
             raise ValueError("this data set has no batch transform; use a DataLoader")
         cached = getattr(self, "_device_batches", None)
-        if cached is None or cached.device != device:
-            cached = DeviceBatches(self.images, self.labels, self.batch_augment, device)
+        if cached is None or (cached.device, cached.crop_resample) != (device, crop_resample):
+            cached = DeviceBatches(self.images, self.labels, self.batch_augment, device,
+                                   crop_resample)
             self._device_batches = cached
         return cached
 

@@ -113,10 +113,12 @@ class DecodedImages(Dataset):
             self._images = np.load(path, mmap_mode="r")
         return self._images
 
-    def on_device(self, device: torch.device) -> DeviceBatches:
-        if self._on_device is None or self._on_device.device != device:
+    def on_device(self, device: torch.device, crop_resample: str = "batched") -> DeviceBatches:
+        cached = self._on_device
+        if cached is None or (cached.device, cached.crop_resample) != (device, crop_resample):
             images = torch.from_numpy(np.array(self.images()))  # read into memory
-            self._on_device = DeviceBatches(images, self.labels, self.batch_augment, device)
+            self._on_device = DeviceBatches(images, self.labels, self.batch_augment, device,
+                                            crop_resample)
         return self._on_device
 
 

@@ -21,7 +21,7 @@ import torch
 from torchvision import transforms as T
 
 from benchmarks.data.base import TensorImages
-from benchmarks.data.batches import BatchAugment
+from benchmarks.data.batches import RESAMPLE_PATHS, BatchAugment
 from benchmarks.data.split_cifar100 import NORMALISATION
 
 
@@ -53,7 +53,7 @@ def measure(n: int = 2500, rounds: int = 7, device: str = "cpu", batch_size: int
 
     data = cifar_like_task(n)
     policy = DevicePolicy.for_device(device)
-    on_device = data.on_device(policy.device)
+    on_device = data.on_device(policy.device, policy.crop_resample)
     proto = resolve_protocol("paper", "split_cifar100")
     per_image, batched = [], []
     for r in range(rounds):
@@ -98,20 +98,26 @@ def measure_cub(n: int = 64, rounds: int = 3, device: str = "cpu", cropped: bool
         train_aug, _ = cub.batch_transforms(cropped)
         data = DecodedImages(folder, step, size, train_aug, Path(tmp) / "cache", "bench",
                              progress=False)
+        policy = DevicePolicy.for_device(device)
         start = time.perf_counter()
-        on_device = data.on_device(DevicePolicy.for_device(device).device)
+        data.images()
         build = time.perf_counter() - start
         proto = resolve_protocol("paper", "cub_to_sketches").with_overrides(
             batch_size=batch_size)
-        per_image, batched = [], []
-        for r in range(rounds):
+        paths = {r: data.on_device(policy.device, r) for r in RESAMPLE_PATHS}
+        per_image, cached = [], {r: [] for r in RESAMPLE_PATHS}
+        for r in range(rounds):  # interleaved: a drift in machine speed hits every path
             coords = (0, "train", r)
             per_image.append(_time_epoch(_epoch_batches(data, None, proto, 1993, coords, 0)))
-            batched.append(_time_epoch(_epoch_batches(data, on_device, proto, 1993, coords,
-                                                      0)))
-    old, new = n / statistics.median(per_image), n / statistics.median(batched)
+            for name, on_device in paths.items():
+                cached[name].append(_time_epoch(_epoch_batches(data, on_device, proto, 1993,
+                                                               coords, 0)))
+    old = n / statistics.median(per_image)
+    rates = {name: n / statistics.median(times) for name, times in cached.items()}
+    new = rates[policy.crop_resample]
     return {"per_image_images_per_s": old, "batched_images_per_s": new, "ratio": new / old,
-            "cache_build_images_per_s": n / build}
+            "cache_build_images_per_s": n / build, "crop_resample": policy.crop_resample,
+            **{f"{name}_resample_images_per_s": v for name, v in rates.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,10 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cub:
         out = measure_cub(args.images if args.images != 2500 else 64, args.rounds,
                           args.device, cropped=args.cub == "cropped")
+        others = ", ".join(f"{r}: {out[f'{r}_resample_images_per_s']:,.1f}"
+                           for r in RESAMPLE_PATHS)
         print(f"CUB-to-Sketches ({args.cub}) per-image decode + transforms: "
               f"{out['per_image_images_per_s']:,.1f} images/s | cached batches on "
-              f"{args.device}: {out['batched_images_per_s']:,.1f} images/s | "
-              f"{out['ratio']:.1f}x (one-time cache build: "
+              f"{args.device} ({out['crop_resample']} resampling, the policy's): "
+              f"{out['batched_images_per_s']:,.1f} images/s | {out['ratio']:.1f}x "
+              f"(crops resampled {others} images/s; one-time cache build: "
               f"{out['cache_build_images_per_s']:,.1f} images/s)")
         return 0
     out = measure(args.images, args.rounds, args.device)

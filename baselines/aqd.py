@@ -56,7 +56,9 @@ class _ActQuant(torch.autograd.Function):
     on the device (no host sync), with the LSQ gradients written out: dx = dy where the
     rounded level lies in 0..Q (straight-through, PyTorch's fake-quant convention), else 0;
     ds = gf * sum(dy * (level - (x / s) * inside)) = gf / s * sum(dy * (out - x * inside))
-    (LSQ, gradient scale ``gf``). 2 ops forward, 5 backward (11 in the earlier
+    (LSQ, gradient scale ``gf``), the classification torch.ao's learnable fake-quant uses:
+    x / s within half a step beyond 0 or Q rounds inside, so it passes dx and gives ds the
+    residual Q - x / s there, where the LSQ paper's clip on x / s gives 0 and Q. 2 ops forward, 5 backward (11 in the earlier
     clamp-then-round form, which also ran one host-visible select per layer)."""
 
     @staticmethod

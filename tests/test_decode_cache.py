@@ -199,3 +199,17 @@ def test_the_device_policy_picks_the_crop_resampling(monkeypatch):
     assert batches.images is batches.source  # one channels-last copy, not two
     assert batches.source.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batches.images, images)
+
+
+@pytest.mark.parametrize("env, argv", [({"NWS_CROP_RESAMPLE": "bicubic"}, []),
+                                       ({}, ["--device", "bogus"])])
+def test_the_throughput_cli_rejects_a_bad_policy_with_exit_2(monkeypatch, capsys, env, argv):
+    from benchmarks.data import throughput
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(throughput, "measure", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--images", "8", "--rounds", "1", *argv])
+    assert exc.value.code == 2
+    assert ("bicubic" if env else "bogus") in capsys.readouterr().err

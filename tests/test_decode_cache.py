@@ -213,3 +213,11 @@ def test_the_throughput_cli_rejects_a_bad_policy_with_exit_2(monkeypatch, capsys
         throughput.main(["--images", "8", "--rounds", "1", *argv])
     assert exc.value.code == 2
     assert ("bicubic" if env else "bogus") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resample", ["batched", "per_image"])
+def test_a_resized_crop_of_a_float_batch_is_refused(resample):
+    """The per-image path writes uint8: a float batch in [0, 1] would come out all zeros."""
+    aug = ResizedCropAugment((0.0,) * 3, (1.0,) * 3, size=8).placed(resample)
+    with pytest.raises(ValueError, match="uint8 batch"):
+        aug(torch.rand(2, 3, 16, 16))

@@ -101,8 +101,8 @@ def _check_work(p: argparse.ArgumentParser, work: Path, warm_kernels: bool) -> N
     for name in ("runs", "cache") + (() if warm_kernels else ("kernels",)):
         sub = work / name
         if sub.exists() and (not sub.is_dir() or any(sub.iterdir())):
-            p.error(f"{sub} is not an empty folder: a resumed run or a warm {name} would not "
-                    f"time the first command; give an empty --work")
+            p.error(f"{sub} is not an empty folder: a first command starts with no runs, "
+                    f"cache or kernels to reuse; give an empty --work")
     if work.exists() and not os.access(work, os.W_OK | os.X_OK):
         p.error(f"--work {work} is not writable; give a folder you can write to")
 

@@ -120,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("extra", nargs="*", help="arguments for the run command (tox's posargs), "
                    "after --, e.g. -- --bench-opt size=16")
     args = p.parse_args(argv)
+    if not 0 < args.budget < float("inf"):
+        p.error(f"--budget {args.budget:g}: give minutes > 0, e.g. --budget 10")
+    if not 0 <= args.min_accuracy <= 1:
+        p.error(f"--min-accuracy {args.min_accuracy:g}: give a fraction in 0..1, e.g. 0.9")
     if args.json:
         out = Path(args.json).expanduser().resolve()
         if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):

@@ -49,7 +49,8 @@ def test_per_method_sums_timing_rows_and_takes_the_last_tasks_accuracy():
 
 
 @pytest.mark.parametrize("case", ["work_is_file", "runs_is_file", "cache_not_empty",
-                                  "json_in_missing_folder", "json_is_folder", "no_mini_env"])
+                                  "json_in_missing_folder", "json_is_folder", "no_mini_env",
+                                  "budget_nan", "accuracy_in_percent"])
 def test_bad_inputs_exit_2_with_a_message_before_running(tmp_path, monkeypatch, capsys, case):
     import benchmarks.mini_timing as mt
 
@@ -67,6 +68,10 @@ def test_bad_inputs_exit_2_with_a_message_before_running(tmp_path, monkeypatch, 
         argv += ["--json", str(tmp_path / "nope" / "t.json")]
     elif case == "json_is_folder":
         argv += ["--json", str(tmp_path)]
+    elif case == "budget_nan":
+        argv += ["--budget", "nan"]
+    elif case == "accuracy_in_percent":
+        argv += ["--min-accuracy", "90"]
     else:
         (tmp_path / "tox.ini").write_text("[testenv]\ncommands = pytest\n")
         monkeypatch.setattr(mt, "ROOT", tmp_path)

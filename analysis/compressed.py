@@ -49,7 +49,25 @@ def _cached(root: Path):
         probe.unlink()
     except OSError:
         return _lzma_size
-    return joblib.Memory(folder, verbose=0).cache(_lzma_size)
+    memo = joblib.Memory(folder, verbose=0).cache(_lzma_size)
+
+    def size(data: np.ndarray, passes: int) -> int:
+        """The stored size; a damaged or foreign cache file is dropped and the size recomputed
+        (and stored again), silently: joblib's own load path would log a traceback."""
+        if memo.check_call_in_cache(data, passes):
+            try:
+                out = memo.call_and_shelve(data, passes).get()
+            except Exception:  # a truncated or garbled pickle, an unreadable file
+                out = None
+            if type(out) is int and out > 0:
+                return out
+            try:
+                memo.call_and_shelve(data, passes).clear()
+            except OSError:
+                return _lzma_size(data, passes)
+        return memo(data, passes)
+
+    return size
 
 
 def lzma_nbytes(values: np.ndarray, dtype: str, passes: int = 1) -> int:

@@ -94,6 +94,19 @@ def _clock(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s"
 
 
+def _check_work(p: argparse.ArgumentParser, work: Path, warm_kernels: bool) -> None:
+    """Exit 2 unless ``work`` can hold a first command's fresh runs, cache (and kernels)."""
+    if work.exists() and not work.is_dir():
+        p.error(f"--work {work} is a file; give a folder (new or empty)")
+    for name in ("runs", "cache") + (() if warm_kernels else ("kernels",)):
+        sub = work / name
+        if sub.exists() and (not sub.is_dir() or any(sub.iterdir())):
+            p.error(f"{sub} is not an empty folder: a first command starts with no runs, "
+                    f"cache or kernels to reuse; give an empty --work")
+    if work.exists() and not os.access(work, os.W_OK | os.X_OK):
+        p.error(f"--work {work} is not writable; give a folder you can write to")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.mini_timing",
                                 description=__doc__.split("\n\n")[0])
@@ -107,18 +120,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("extra", nargs="*", help="arguments for the run command (tox's posargs), "
                    "after --, e.g. -- --bench-opt size=16")
     args = p.parse_args(argv)
+    if not 0 < args.budget < float("inf"):
+        p.error(f"--budget {args.budget:g}: give minutes > 0, e.g. --budget 10")
+    if not 0 <= args.min_accuracy <= 1:
+        p.error(f"--min-accuracy {args.min_accuracy:g}: give a fraction in 0..1, e.g. 0.9")
+    if args.json:
+        out = Path(args.json).expanduser().resolve()
+        if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            p.error(f"--json {args.json}: cannot write a file there (give a file path in an "
+                    f"existing, writable folder)")
+    if args.work:
+        _check_work(p, Path(args.work).expanduser().resolve(), args.warm_kernels)
 
     with tempfile.TemporaryDirectory(prefix="nws-mini-timing-") as tmp:
-        work = Path(args.work).resolve() if args.work else Path(tmp)
-        if (work / "runs").exists() and any((work / "runs").iterdir()):
-            p.error(f"{work / 'runs'} is not empty: a resumed run would not time the first "
-                    f"command; give an empty --work")
+        work = Path(args.work).expanduser().resolve() if args.work else Path(tmp)
+        try:
+            commands = mini_commands(ROOT / "tox.ini", work, args.extra)
+        except ValueError as err:
+            p.error(str(err))
         env = dict(os.environ, PYTHONHASHSEED="0", MPLBACKEND="Agg",
                    NWS_CACHE_DIR=str(work / "cache"))
         if not args.warm_kernels:
             env["NWS_KERNELS_DIR"] = str(work / "kernels")
         walls = []
-        for cmd in mini_commands(ROOT / "tox.ini", work, args.extra):
+        for cmd in commands:
             print("$", shlex.join(cmd), flush=True)
             started = time.perf_counter()
             done = subprocess.run(cmd, cwd=ROOT, env=env)
@@ -127,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{cmd[cmd.index('-m') + 1]} exited {done.returncode}", file=sys.stderr)
                 return done.returncode
         methods = per_method(load_rows(work / "runs"))
+    if methods.empty:
+        print(f"FAILED: the run command wrote no rows under {work / 'runs'} (did the "
+              f"arguments after -- stop it early, e.g. --help?)", file=sys.stderr)
+        return 1
 
     total = sum(s for _, s in walls)
     print(f"\n## tox -e mini: {_clock(total)} ({total:.0f} s), "
@@ -142,13 +171,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nrun command: {methods.task_s.sum():.1f} s in tasks, "
           f"{run_s - methods.task_s.sum():.1f} s start-up and files")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "total_seconds": total, "commands": dict(walls), "warm_kernels": args.warm_kernels,
-            "methods": methods.to_dict(orient="index"), "extra": args.extra}, indent=2))
+        try:
+            Path(args.json).expanduser().write_text(json.dumps({
+                "total_seconds": total, "commands": dict(walls),
+                "warm_kernels": args.warm_kernels, "methods": methods.to_dict(orient="index"),
+                "extra": args.extra}, indent=2))
+        except OSError as err:
+            print(f"error: --json {args.json}: {err.strerror}", file=sys.stderr)
+            return 2
     failed = []
     if total > args.budget * 60:
         failed.append(f"took {_clock(total)}, over the {args.budget:g}-minute budget")
-    low = methods[methods.min_accuracy < args.min_accuracy]
+    low = methods[~(methods.min_accuracy >= args.min_accuracy)]  # NaN: no accuracy rows
     failed += [f"{m}: a task at {r.min_accuracy:.1%} < {args.min_accuracy:.0%}"
                for m, r in low.iterrows()]
     for line in failed:

@@ -199,3 +199,25 @@ def test_the_device_policy_picks_the_crop_resampling(monkeypatch):
     assert batches.images is batches.source  # one channels-last copy, not two
     assert batches.source.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batches.images, images)
+
+
+@pytest.mark.parametrize("env, argv", [({"NWS_CROP_RESAMPLE": "bicubic"}, []),
+                                       ({}, ["--device", "bogus"])])
+def test_the_throughput_cli_rejects_a_bad_policy_with_exit_2(monkeypatch, capsys, env, argv):
+    from benchmarks.data import throughput
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(throughput, "measure", lambda *a, **k: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--images", "8", "--rounds", "1", *argv])
+    assert exc.value.code == 2
+    assert ("bicubic" if env else "bogus") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resample", ["batched", "per_image"])
+def test_a_resized_crop_of_a_float_batch_is_refused(resample):
+    """The per-image path writes uint8: a float batch in [0, 1] would come out all zeros."""
+    aug = ResizedCropAugment((0.0,) * 3, (1.0,) * 3, size=8).placed(resample)
+    with pytest.raises(ValueError, match="uint8 batch"):
+        aug(torch.rand(2, 3, 16, 16))

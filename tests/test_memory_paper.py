@@ -153,3 +153,26 @@ def test_lzma_sizes_are_cached_by_content(tmp_path, monkeypatch) -> None:
     blocked.write_text("not a folder")
     monkeypatch.setenv("NWS_CACHE_DIR", str(blocked))
     assert compressed.lzma_nbytes(streams[1], "<i2", passes=2) == direct[1]
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x80\x04garbage", None])
+def test_a_damaged_lzma_cache_file_is_recomputed_quietly(tmp_path, monkeypatch, caplog,
+                                                         damage) -> None:
+    """A truncated, garbled or foreign (a valid pickle of a str) cache file gives the true
+    size, no logged traceback, and is stored again."""
+    import lzma
+    import pickle
+
+    import numpy as np
+
+    from analysis import compressed
+
+    monkeypatch.setenv("NWS_CACHE_DIR", str(tmp_path / "cache"))
+    values = np.random.default_rng(3).integers(0, 512, 3000)
+    true = len(lzma.compress(values.astype("<i2").tobytes()))
+    assert compressed.lzma_nbytes(values, "<i2") == true
+    (pkl,) = (tmp_path / "cache" / "lzma").rglob("output.pkl")
+    pkl.write_bytes(pickle.dumps("abc") if damage is None else damage)
+    assert compressed.lzma_nbytes(values, "<i2") == true
+    assert not [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    assert pickle.loads(pkl.read_bytes()) == true

@@ -46,3 +46,44 @@ def test_per_method_sums_timing_rows_and_takes_the_last_tasks_accuracy():
     assert got.loc["finetune", "min_accuracy"] == 0.9  # after the last task, not task 0's 1.0
     assert got.loc["nws", "min_accuracy"] == 0.7 and got.loc["nws", "tasks"] == 2
     assert abs(got.loc["nws", "mean_accuracy"] - 0.85) < 1e-12
+
+
+@pytest.mark.parametrize("case", ["work_is_file", "runs_is_file", "cache_not_empty",
+                                  "json_in_missing_folder", "json_is_folder", "no_mini_env",
+                                  "budget_nan", "accuracy_in_percent"])
+def test_bad_inputs_exit_2_with_a_message_before_running(tmp_path, monkeypatch, capsys, case):
+    import benchmarks.mini_timing as mt
+
+    monkeypatch.setattr(mt.subprocess, "run", lambda *a, **k: pytest.fail("ran a command"))
+    argv = ["--work", str(tmp_path / "w")]
+    if case == "work_is_file":
+        (tmp_path / "w").write_text("x")
+    elif case == "runs_is_file":
+        (tmp_path / "w").mkdir()
+        (tmp_path / "w" / "runs").write_text("x")
+    elif case == "cache_not_empty":
+        (tmp_path / "w" / "cache").mkdir(parents=True)
+        (tmp_path / "w" / "cache" / "old").write_text("x")
+    elif case == "json_in_missing_folder":
+        argv += ["--json", str(tmp_path / "nope" / "t.json")]
+    elif case == "json_is_folder":
+        argv += ["--json", str(tmp_path)]
+    elif case == "budget_nan":
+        argv += ["--budget", "nan"]
+    elif case == "accuracy_in_percent":
+        argv += ["--min-accuracy", "90"]
+    else:
+        (tmp_path / "tox.ini").write_text("[testenv]\ncommands = pytest\n")
+        monkeypatch.setattr(mt, "ROOT", tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        mt.main(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_run_that_wrote_no_rows_fails_clearly(tmp_path, monkeypatch, capsys):
+    import benchmarks.mini_timing as mt
+
+    monkeypatch.setattr(mt, "mini_commands", lambda *a: [[sys.executable, "-m", "this"]])
+    assert mt.main(["--work", str(tmp_path / "w"), "--warm-kernels"]) == 1
+    assert "FAILED: the run command wrote no rows" in capsys.readouterr().err

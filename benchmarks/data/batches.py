@@ -264,6 +264,8 @@ class ResizedCropAugment:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("ResizedCropAugment takes a uint8 batch (B, C, H, W)")
         return self.take(images, torch.arange(len(images), device=images.device), generator)
 
 

@@ -130,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cub", choices=["cropped", "uncropped"], default=None,
                    help="CUB-to-Sketches' pipeline on generated 500x375 JPEGs instead")
     args = p.parse_args(argv)
+    from benchmarks.device_policy import DevicePolicy
+
+    try:  # a bad --device, $NWS_CROP_RESAMPLE or $NWS_SEARCH: exit 2, not a traceback
+        DevicePolicy.for_device(args.device)
+    except ValueError as err:
+        p.error(str(err))
     if args.cub:
         out = measure_cub(args.images if args.images != 2500 else 64, args.rounds,
                           args.device, cropped=args.cub == "cropped")

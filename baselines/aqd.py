@@ -58,8 +58,9 @@ class _ActQuant(torch.autograd.Function):
     ds = gf * sum(dy * (level - (x / s) * inside)) = gf / s * sum(dy * (out - x * inside))
     (LSQ, gradient scale ``gf``), the classification torch.ao's learnable fake-quant uses:
     x / s within half a step beyond 0 or Q rounds inside, so it passes dx and gives ds the
-    residual Q - x / s there, where the LSQ paper's clip on x / s gives 0 and Q. 2 ops forward, 5 backward (11 in the earlier
-    clamp-then-round form, which also ran one host-visible select per layer)."""
+    residual Q - x / s there, where the LSQ paper's clip on x / s gives 0 and Q. 2 ops
+    forward, 5 backward (11 in the earlier clamp-then-round form, which also ran one
+    ``select`` per layer)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, q: int, gf: float,

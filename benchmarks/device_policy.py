@@ -17,7 +17,10 @@ Defaults (decided here, measured where said):
   (:class:`benchmarks.data.batches.ResizedCropAugment`): ``"per_image"`` on CPU (PyTorch's
   uint8 resize per crop: reads the boxes on the host, 2.6x the batched path's images/s on 2
   cores), ``"batched"`` elsewhere (one ``grid_sample`` of the batch: no host read, one
-  launch). ``$NWS_CROP_RESAMPLE`` forces either on any device (tests run both here).
+  launch). ``$NWS_CROP_RESAMPLE`` forces either on any device (tests run both here). The
+  two draw the same crops and differ by at most one uint8 level per pixel, so, like
+  ``--workers``, the choice is recorded in ``env.json`` but is not part of the run identity
+  (the device type, which sets its default, is).
 - ``compile``: ``torch.compile`` of the model in the training step; off unless asked for
   (``--compile``; not yet measured on a GPU). Mode: ``"reduce-overhead"`` (CUDA-graph
   capture of the forward and backward) on CUDA, the default (inductor kernels, no graphs)

@@ -144,12 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             env["NWS_KERNELS_DIR"] = str(work / "kernels")
         walls = []
         for cmd in commands:
+            module = cmd[cmd.index("-m") + 1]
             print("$", shlex.join(cmd), flush=True)
             started = time.perf_counter()
             done = subprocess.run(cmd, cwd=ROOT, env=env)
-            walls.append((cmd[cmd.index("-m") + 1], time.perf_counter() - started))
+            walls.append((module, time.perf_counter() - started))
             if done.returncode:
-                print(f"{cmd[cmd.index('-m') + 1]} exited {done.returncode}", file=sys.stderr)
+                print(f"{module} exited {done.returncode}", file=sys.stderr)
                 return done.returncode
         methods = per_method(load_rows(work / "runs"))
     if methods.empty:

@@ -91,7 +91,7 @@ class TensorImages(Dataset):
         if self.batch_augment is None:
             raise ValueError("this data set has no batch transform; use a DataLoader")
         cached = getattr(self, "_device_batches", None)
-        if cached is None or (cached.device, cached.crop_resample) != (device, crop_resample):
+        if cached is None or not cached.serves(device, crop_resample):
             cached = DeviceBatches(self.images, self.labels, self.batch_augment, device,
                                    crop_resample)
             self._device_batches = cached

@@ -314,6 +314,10 @@ class DeviceBatches:
         if self.source is not None and self.source.shape == self.images.shape:
             self.images = self.source  # a re-layout only: keep one copy
 
+    def serves(self, device: torch.device, crop_resample: str) -> bool:
+        """Whether these batches are the ones ``on_device(device, crop_resample)`` asks for."""
+        return (self.device, self.crop_resample) == (device, crop_resample)
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -115,7 +115,7 @@ class DecodedImages(Dataset):
 
     def on_device(self, device: torch.device, crop_resample: str = "batched") -> DeviceBatches:
         cached = self._on_device
-        if cached is None or (cached.device, cached.crop_resample) != (device, crop_resample):
+        if cached is None or not cached.serves(device, crop_resample):
             images = torch.from_numpy(np.array(self.images()))  # read into memory
             self._on_device = DeviceBatches(images, self.labels, self.batch_augment, device,
                                             crop_resample)

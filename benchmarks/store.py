@@ -15,6 +15,7 @@ payload bytes the index names; the index itself is bookkeeping, reported as
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -30,6 +31,17 @@ import torch
 from benchmarks.breakdown import Breakdown
 
 SHARED = "shared"
+
+
+def checksum(data: bytes | memoryview) -> str:
+    """The checksum of stored bytes (blobs, phase checkpoints): BLAKE2b, 16-byte hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class StoreIntegrityError(ValueError):
+    """A blob's file is missing, shorter or longer than the index says, or fails its
+    checksum: the stored task is damaged (the CLI stops with exit 2; analysis leaves the
+    run out with a warning)."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,6 +67,8 @@ class BlobInfo:
     dtype: str | None = None
     shape: list[int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # checksum(payload); None in stores written before checksums (only their size is checked)
+    blake2b: str | None = None
 
 
 def _scope(task: int | None) -> str:
@@ -120,7 +134,37 @@ class ArtifactStore:
             ) from None
 
     def get_bytes(self, name: str, task: int | None = None) -> bytes:
-        return (self.root / self.info(name, task).file).read_bytes()
+        """The blob's payload, checked against the index: its size, and its checksum where
+        the index has one; :class:`StoreIntegrityError` naming the run, task and file."""
+        info = self.info(name, task)
+        try:
+            data = (self.root / info.file).read_bytes()
+        except FileNotFoundError:
+            raise self._damaged(name, task, info, "the file is missing") from None
+        if len(data) != info.nbytes:
+            raise self._damaged(name, task, info, f"{len(data)} bytes where the index says "
+                                                  f"{info.nbytes} (truncated or overwritten)")
+        if info.blake2b is not None and checksum(data) != info.blake2b:
+            raise self._damaged(name, task, info, "its checksum does not match the index "
+                                                  "(the bytes were changed)")
+        return data
+
+    def _damaged(self, name: str, task: int | None, info: BlobInfo,
+                 why: str) -> StoreIntegrityError:
+        run = self.root.parent if self.root.name == "artifacts" else self.root
+        where = "the shared blobs" if task is None else f"task {task}"
+        return StoreIntegrityError(
+            f"run {run}: the artifact store is damaged: {where}, blob {name!r}, file "
+            f"{self.root / info.file}: {why}. Restore the run folder from a backup, or delete "
+            f"it to run that run again")
+
+    def verify(self) -> None:
+        """Read every blob once (:meth:`get_bytes`'s checks); raises the first
+        :class:`StoreIntegrityError`."""
+        for scope in sorted(self._index):
+            task = None if scope == SHARED else int(scope.split("_")[1])
+            for name in self.names(task):
+                self.get_bytes(name, task)
 
     def get_tensor(self, name: str, task: int | None = None) -> torch.Tensor:
         info = self.info(name, task)
@@ -212,7 +256,7 @@ class Transaction:
         atomic_write_bytes(self.store.root / rel, data)
         self._written.append(self.store.root / rel)
         self._pending.setdefault(scope, {})[name] = BlobInfo(
-            rel, len(data), codec, dtype, shape, dict(meta or {})
+            rel, len(data), codec, dtype, shape, dict(meta or {}), checksum(data)
         )
 
     def put_tensor(self, name: str, tensor: torch.Tensor, *, task: int | None, **meta) -> None:

@@ -5,7 +5,6 @@ device for in-memory data), progress, and phase checkpoints to resume a killed p
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import math
@@ -30,6 +29,7 @@ from benchmarks.loss_monitor import LossMonitor, LossReading
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
 from benchmarks.seeding import derive_seed, generator, seed_global
+from benchmarks.store import checksum as _digest
 
 log = logging.getLogger("benchmarks")
 
@@ -289,10 +289,6 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
 def _digest_path(path: Path) -> Path:
     """The checksum beside a phase checkpoint (``task000-1-nws.pt.blake2b``)."""
     return path.with_name(path.name + ".blake2b")
-
-
-def _digest(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import json
 import logging
 
 import pandas as pd
+import pytest
 
 import analysis.runs
 from analysis import figures, tables
@@ -15,18 +16,31 @@ from benchmarks.nws_method import BrokenChainError
 from tests.test_analysis_outputs import LAYERS, _fake_hook, _results
 
 
-def _drop_a_blob(results) -> str:
-    """Delete task 1's first blob file of seed 1993's NWS run; returns the run folder name."""
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"lost": lambda p: p.unlink(), "flipped": _flip_a_byte,
+          "truncated": lambda p: p.write_bytes(p.read_bytes()[:-1])}
+
+
+def _damage_a_blob(results, kind: str = "lost") -> str:
+    """Damage task 1's first blob file of seed 1993's NWS run (``kind`` of :data:`DAMAGE`);
+    returns the run folder name."""
     run = next(results.glob("*-nws-*-s1993-*"))
     index = json.loads((run / "artifacts" / "index.json").read_text())
-    (run / "artifacts" / next(iter(index["task_001"].values()))["file"]).unlink()
+    DAMAGE[kind](run / "artifacts" / next(iter(index["task_001"].values()))["file"])
     return run.name
 
 
-def test_a_lost_blob_leaves_the_run_out_with_a_warning(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_blob_leaves_the_run_out_with_a_warning(tmp_path, monkeypatch, caplog, kind):
+    """Lost, or (checksum, size in the index) a flipped byte or a truncation."""
     monkeypatch.setattr(analysis.runs, "method_hook", _fake_hook)
     results = _results(tmp_path / "runs", "split_digits")
-    broken = _drop_a_blob(results)
+    broken = _damage_a_blob(results, kind)
     with caplog.at_level(logging.WARNING, logger="analysis.runs"):
         files, _ = figures.build_figures(results, tmp_path / "figures", "split_digits")
         assert tables.main(["--results", str(results), "--benchmark", "split_digits",

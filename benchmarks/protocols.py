@@ -10,15 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from benchmarks.checks import Check, Each, OneOf, Range
 from benchmarks.registry import Registry
+
+
+def _rule(check: Check) -> dict[str, Check]:
+    """Field metadata declaring the field's valid range (:data:`RULES`)."""
+    return {"check": check}
 
 
 @dataclass(frozen=True)
 class S:
-    """A setting: a value and where it comes from."""
+    """A setting: a value, where it comes from, and (method options) its valid range."""
 
     value: Any
     source: str
+    check: Check | None = None
 
 
 @dataclass(frozen=True)
@@ -26,20 +33,39 @@ class Protocol:
     """Resolved hyperparameters for one benchmark. Epoch counts are per task."""
 
     name: str
-    epochs: int
-    lr: float
-    lr_milestones: tuple[int, ...]  # epochs after which lr is multiplied by lr_gamma
-    lr_gamma: float
-    optimizer: str  # "sgd" | "adam"
-    schedule: str  # "multistep" | "cosine"
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    batch_size: int
-    amp: str  # "none" | "bf16" | "fp16" (applied only on CUDA)
-    drop_last: bool = False  # drop the last partial batch of an epoch (one of 1 always is)
-    max_steps_per_epoch: int | None = None  # None = full epochs; set by `smoke`
-    eval_batch_size: int = 256
+    epochs: int = field(metadata=_rule(Range(
+        1, None, "a task trains at least one epoch: 0 would store an untrained model",
+        integer=True)))
+    lr: float = field(metadata=_rule(Range(
+        0, None, "a step size: 0 or less trains nothing or ascends", lo_open=True)))
+    # epochs after which lr is multiplied by lr_gamma
+    lr_milestones: tuple[int, ...] = field(metadata=_rule(Each(
+        Range(1, None, "an epoch count", integer=True), "MultiStepLR's epochs, in order",
+        increasing=True)))
+    lr_gamma: float = field(metadata=_rule(Range(
+        0, 1, "a drop factor: the lr is multiplied by it at each milestone", lo_open=True)))
+    optimizer: str = field(metadata=_rule(OneOf(("sgd", "adam"), "the optimisers the "
+                                                "training loop builds")))
+    schedule: str = field(metadata=_rule(OneOf(("multistep", "cosine"), "the schedules the "
+                                               "training loop builds")))
+    momentum: float = field(metadata=_rule(Range(
+        0, 1, "SGD momentum / Adam beta1: 1 or more never forgets a gradient (Adam refuses "
+        "it)", hi_open=True)))
+    nesterov: bool = field(metadata=_rule(OneOf((False, True), "on or off")))
+    weight_decay: float = field(metadata=_rule(Range(
+        0, 1, "an L2 factor per step: negative grows weights, past 1 erases them")))
+    batch_size: int = field(metadata=_rule(Range(
+        1, None, "images per training step: at least one", integer=True)))
+    # "none" | "bf16" | "fp16" (applied only on CUDA)
+    amp: str = field(metadata=_rule(OneOf(("none", "bf16", "fp16"), "the autocast dtypes")))
+    # drop the last partial batch of an epoch (one of 1 always is)
+    drop_last: bool = field(default=False, metadata=_rule(OneOf((False, True), "on or off")))
+    # None = full epochs; set by `smoke`
+    max_steps_per_epoch: int | None = field(default=None, metadata=_rule(Range(
+        1, None, "an epoch takes at least one step (None: the whole epoch)", integer=True,
+        none=True)))
+    eval_batch_size: int = field(default=256, metadata=_rule(Range(
+        1, None, "images per evaluation batch: at least one", integer=True)))
     provenance: dict[str, str] = field(default_factory=dict, compare=False)
 
     def with_overrides(self, **changes: Any) -> Protocol:
@@ -52,6 +78,8 @@ class Protocol:
                 f"unknown protocol field(s) {sorted(unknown)}; valid: {sorted(types)}"
             )
         changes = {k: _coerce(k, v, str(types[k])) for k, v in changes.items()}
+        for k, v in changes.items():
+            RULES[k].check(f"--set {k}", v)
         prov = dict(self.provenance) | {k: "override" for k in changes}
         return replace(self, provenance=prov, **changes)
 
@@ -60,6 +88,16 @@ class Protocol:
 
 
 _NOT_SETTABLE = ("name", "provenance")
+# The valid range of each settable field (declared with the field above).
+RULES: dict[str, Check] = {f.name: f.metadata["check"] for f in fields(Protocol)
+                           if "check" in f.metadata}
+
+
+def check_protocol(protocol: Protocol) -> Protocol:
+    """``protocol`` when every field is in its range, else ``ValueError`` naming it."""
+    for name, rule in RULES.items():
+        rule.check(f"protocol {protocol.name}: {name}", getattr(protocol, name))
+    return protocol
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
@@ -199,4 +237,4 @@ def resolve_protocol(name: str, benchmark: str) -> Protocol:
     settings = dict(spec["base"]) | dict(spec["per_benchmark"].get(benchmark, {}))
     values = {k: s.value for k, s in settings.items()}
     provenance = {k: s.source for k, s in settings.items()}
-    return Protocol(name=name, provenance=provenance, **values)
+    return check_protocol(Protocol(name=name, provenance=provenance, **values))

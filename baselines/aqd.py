@@ -36,6 +36,7 @@ from baselines.common import (
     with_quick_epochs,
 )
 from benchmarks import archs
+from benchmarks.checks import Range
 from benchmarks.method import Breakdown, Method, TaskInfo
 from benchmarks.protocols import Protocol, S
 from benchmarks.store import ArtifactStore, Transaction
@@ -275,15 +276,21 @@ def quantized_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return conv_modules(model)[1:]
 
 
+# valid range of the bit widths (benchmarks.checks)
+BITS = Range(1, 8, "2**bits - 1 levels: torch's fake-quant ops take 8-bit ranges at most",
+             integer=True)
+
+
 class AQD(Method):
     name = "aqd"
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {
         "default": {
-            "weight_bits": S(2, AQD),
-            "act_bits": S(2, AQD),
+            "weight_bits": S(2, AQD, BITS),
+            "act_bits": S(2, AQD, BITS),
             "quick_epochs": S(4, "ours: AQD's own epochs under the quick protocol; 4 (as "
                                  "quick) measured enough for 2-bit QAT on split_digits "
-                                 "(99.2% on digits_01), raise it for harder mini tasks"),
+                                 "(99.2% on digits_01), raise it for harder mini tasks",
+                                 Range(1, None, "at least one epoch", integer=True)),
         }
     }
 

@@ -38,6 +38,7 @@ from baselines.common import (
     with_quick_epochs,
 )
 from benchmarks import archs
+from benchmarks.checks import Range
 from benchmarks.method import Breakdown, Method, TaskInfo
 from benchmarks.protocols import Protocol, S
 from benchmarks.store import ArtifactStore, Transaction
@@ -138,19 +139,26 @@ class MultiplierBank:
             layer.pending = s
 
 
+# valid ranges of the options (benchmarks.checks)
+FINITE = Range(None, None, "a real number: the mask rule is defined for any")
+POSITIVE = Range(0, None, "the sigmoid's slope is beta / temperature: 0 or less has no "
+                 "surrogate gradient or inverts it", lo_open=True)
+EPOCHS = Range(1, None, "a task trains at least one epoch", integer=True)
+
+
 class KSM(Method):
     name = "ksm"
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {
         "default": {
-            "mask_init": S(1e-2, KSM_CODE),
-            "threshold": S(5e-3, KSM_CODE),
-            "beta": S(1200.0, KSM_CODE + ": sigmoid surrogate slope"),
-            "temperature": S(100.0, KSM_CODE + ": sigmoid surrogate temperature"),
-            "soft_weight": S(0.5, KSM_CODE + ": s = b + 0.5 a"),
+            "mask_init": S(1e-2, KSM_CODE, FINITE),
+            "threshold": S(5e-3, KSM_CODE, FINITE),
+            "beta": S(1200.0, KSM_CODE + ": sigmoid surrogate slope", POSITIVE),
+            "temperature": S(100.0, KSM_CODE + ": sigmoid surrogate temperature", POSITIVE),
+            "soft_weight": S(0.5, KSM_CODE + ": s = b + 0.5 a", FINITE),
             "quick_epochs": S(8, "ours, used only with quick: on a random frozen backbone "
                                  "(split_digits at 32x32, pretrained none, seed 1993) 4 "
                                  "epochs gave 75.4% on digits_89; 8 gave "
-                                 "99.2/100/99.2/100/96.6% on the five tasks"),
+                                 "99.2/100/99.2/100/96.6% on the five tasks", EPOCHS),
         }
     }
 

@@ -41,6 +41,7 @@ from baselines.common import (
     task_state_bytes,
 )
 from benchmarks import archs
+from benchmarks.checks import Each, Either, OneOf, Range
 from benchmarks.method import Breakdown, Fit, Method, MethodContext, TaskInfo
 from benchmarks.protocols import Protocol, S
 from benchmarks.store import ArtifactStore, Transaction
@@ -130,20 +131,34 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+# valid ranges of the options (benchmarks.checks)
+PRUNE = Either((OneOf(("equal-share",), "ours: an equal share per task"),
+                Range(0, 1, "a fraction of the free weights pruned after each task: 1 "
+                      "leaves the next task none", hi_open=True)), "prune_fractions' rule")
+FRACTION = Range(0, 1, "a fraction of the training (resp. retrain) epochs", lo_open=True)
+LR_FACTOR = Range(0, 1, "the retrain lr as a fraction of the training lr", lo_open=True)
+QUICK = Each(Range(0, None, "a positive factor", lo_open=True),
+             "(retrain epochs fraction, lr factor) under the quick protocol", length=2)
+
+
 class PackNet(Method):
     name = "packnet"
     optimizer_weight_decay = False  # applied by hand in after_backward
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {
         "default": {
-            "prune": S("equal-share", "ours: every task keeps an equal share of the backbone"),
-            "retrain_epochs_fraction": S(0.3, REF + ": 30 retrain epochs per 100 training"),
-            "retrain_lr_factor": S(0.1, REF + ": retrain lr 1e-3 against 1e-2"),
-            "retrain_milestone_fraction": S(25 / 30, REF + ": lr x0.1 at retrain epoch 25"),
-            "quick_retrain": S((1.0, 1.0), QUICK_RETRAIN),
+            "prune": S("equal-share", "ours: every task keeps an equal share of the backbone",
+                       PRUNE),
+            "retrain_epochs_fraction": S(0.3, REF + ": 30 retrain epochs per 100 training",
+                                         FRACTION),
+            "retrain_lr_factor": S(0.1, REF + ": retrain lr 1e-3 against 1e-2", LR_FACTOR),
+            "retrain_milestone_fraction": S(25 / 30, REF + ": lr x0.1 at retrain epoch 25",
+                                            FRACTION),
+            "quick_retrain": S((1.0, 1.0), QUICK_RETRAIN, QUICK),
         },
-        "split_cifar100": {"prune": S(0.6, REF)},
+        "split_cifar100": {"prune": S(0.6, REF, PRUNE)},
         "cub_to_sketches": {
-            "prune": S("equal-share", "ours (REFERENCE §4): 0.8, 0.75, 0.667, 0.5, none"),
+            "prune": S("equal-share", "ours (REFERENCE §4): 0.8, 0.75, 0.667, 0.5, none",
+                       PRUNE),
         },
     }
 

@@ -169,7 +169,7 @@ class InputFile(Check):
         return f"{', '.join(self.keywords)}, or the PATH of a file{prefixed}"
 
 
-def flag(kind: type, rule: Check):
+def flag_type(kind: type, rule: Check):
     """An argparse ``type=`` that parses with ``kind`` and checks ``rule``: a bad value is
     argparse's usage error (exit 2) naming the flag, the value and the valid range."""
 

@@ -74,6 +74,8 @@ class Method(ABC):
 
     @classmethod
     def resolve_options(cls, benchmark: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The defaults with ``overrides``, each checked against its option's range
+        (``ValueError`` naming the value and the range), then :meth:`check_options`."""
         known = cls.settings(benchmark)
         unknown = set(overrides) - set(known)
         if unknown:
@@ -81,7 +83,17 @@ class Method(ABC):
                 f"unknown option(s) {sorted(unknown)} for method {cls.name}; "
                 f"valid: {sorted(known) or 'none'}"
             )
-        return {k: s.value for k, s in known.items()} | dict(overrides)
+        options = {k: s.value for k, s in known.items()} | dict(overrides)
+        for key, value in overrides.items():
+            if known[key].check is not None:
+                known[key].check.check(f"--opt {key}", value)
+        cls.check_options(options)
+        return options
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Checks across options or of their inputs' contents (``ValueError``), run with
+        the ranges before any work; each option's own range is its ``S.check``."""
 
     def adjust_protocol(self, protocol: Protocol) -> Protocol:
         """A method may change the protocol (e.g. its own quick setting); say so in provenance."""

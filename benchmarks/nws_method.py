@@ -38,6 +38,7 @@ from torch import nn
 import nws
 from baselines.common import FLOAT32, bn_bytes, bn_state, load_inference_state
 from benchmarks import archs
+from benchmarks.checks import Either, InputFile, OneOf, Range
 from benchmarks.device_policy import DevicePolicy
 from benchmarks.method import Breakdown, Fit, Method, TaskInfo
 from benchmarks.protocols import S
@@ -90,6 +91,21 @@ def _head_rows(weight: torch.Tensor, num_classes: int) -> nn.Linear:
     return head
 
 
+# valid ranges of the options (benchmarks.checks)
+BETA = Range(0, None, "the weight of Eq. 2's second term: negative rewards the distance")
+POOL_SIZE = Range(2, 65536, "entries per pool: one entry leaves nothing to search; 16-bit "
+                  "indices address 65,536, and k-means fits a pool to at most kmeans_points "
+                  "sampled kernels", integer=True)
+GROUP_SIZE = OneOf((1, 2, 4, 8, 16), "kernels per group: a group must divide every layer's "
+                   "kernel count, and the suite's archs' counts are multiples of 16")
+POOLS_ARG = InputFile(("auto", "kmeans-pretrained", "kmeans-task0"),
+                      "k-means pools, a file of nws.save_pools, or the authors' checkpoint",
+                      prefixes=("authors:",))
+KEYFRAME = Either((OneOf((None, 0, "none"), "only task 0 is a key frame"),
+                   Range(1, None, "a key frame every k tasks", integer=True)),
+                  "keyframe_interval's rule")
+
+
 class NWSMethod(Method):
     name = "nws"
     # The two search paths agree except on near ties within float32 rounding (the full path
@@ -99,21 +115,38 @@ class NWSMethod(Method):
     policy_fields = ("search",)
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {
         "default": {
-            "beta": S(0.5, CODE + " (Split-CIFAR-100 value; paper Eq. 2 is unweighted: beta=1)"),
-            "pool_size": S(512, "paper §4.3"),
-            "group_size": S(1, "paper §4.1: one group = one k x k kernel"),
+            "beta": S(0.5, CODE + " (Split-CIFAR-100 value; paper Eq. 2 is unweighted: beta=1)",
+                      BETA),
+            "pool_size": S(512, "paper §4.3", POOL_SIZE),
+            "group_size": S(1, "paper §4.1: one group = one k x k kernel", GROUP_SIZE),
             "pools": S("auto", "ours: k-means of the pretrained model, or of the task-0 model "
-                       "without pretraining; a pools file or authors:PATH also work"),
+                       "without pretraining; a pools file or authors:PATH also work", POOLS_ARG),
             "codec": S("fixed", "ours: 9-bit packing (exact analytic size); 'entropy' = rANS; "
-                       "'delta' = changes against the previous task (the suite's extension)"),
+                       "'delta' = changes against the previous task (the suite's extension)",
+                       OneOf(codec.TASK_CODECS, "the task codecs of nws.codec")),
             "keyframe_every": S(None, "ours: with codec=delta, store every k-th task whole "
-                                "(none: only task 0)"),
-            "kmeans_iters": S(20, "ours"),
-            "kmeans_points": S(65536, "ours: kernels sampled per layer to fit k-means"),
+                                "(none: only task 0)", KEYFRAME),
+            "kmeans_iters": S(20, "ours", Range(1, None, "Lloyd iterations: at least one",
+                                                integer=True)),
+            "kmeans_points": S(65536, "ours: kernels sampled per layer to fit k-means",
+                               Range(2, None, "k-means needs points (at least pool_size)",
+                                     integer=True)),
         },
-        "split_cifar100": {"beta": S(0.5, CODE)},
-        "cub_to_sketches": {"beta": S(0.1, CODE)},
+        "split_cifar100": {"beta": S(0.5, CODE, BETA)},
+        "cub_to_sketches": {"beta": S(0.1, CODE, BETA)},
     }
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """What a range cannot say: k-means needs at least ``pool_size`` points, and a
+        pools file must be one (read once here, before any work)."""
+        if options["kmeans_points"] < options["pool_size"]:
+            raise ValueError(f"option kmeans_points={options['kmeans_points']} is below "
+                             f"pool_size={options['pool_size']}: k-means needs at least as "
+                             f"many points as pool entries")
+        found = POOLS_ARG.path(options["pools"])
+        if found is not None and not found[0]:  # authors:PATH needs the model: read later
+            nws.load_pools(found[1])
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.archs import ARCHS, WeightsUnavailableError
+from benchmarks.checks import Range, flag_type
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
 from benchmarks.device_policy import SEARCH_PATHS
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
@@ -40,6 +41,14 @@ DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]
 CLI_ERRORS = (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
               RunLockedError, TrainingDivergedError, ValueError)
 RUN_FLAGS = "run"  # title of the parser group whose flags each job of a sweep gets
+# Valid ranges of the count flags (benchmarks.checks), with the flags below.
+SEED = Range(0, 2**63 - 1, "a seed names its run (s<seed>) and derives 63-bit stream seeds",
+             integer=True)
+WORKERS = Range(0, 256, "data-loader processes: 0 loads in this process; each one more is "
+                "a process with its own copy of the data set", integer=True)
+THREADS = Range(1, 1024, "torch/OpenMP threads: at least one; torch takes any count and a "
+                "huge one fails later, in its thread pool: 1024 is past any one machine's "
+                "cores", integer=True)
 
 
 def _value(text: str) -> Any:
@@ -68,9 +77,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--benchmark", default="split_digits")
     r.add_argument("--arch", default="resnet18")
     r.add_argument("--protocol", default="quick")
-    r.add_argument("--seeds", type=int, nargs="+", default=None,
+    r.add_argument("--seeds", type=flag_type(int, SEED), nargs="+", default=None,
                    help="default: 1993 1994 1995 for paper protocols, else 1993")
-    r.add_argument("--tasks", type=int, default=None, help="learn only the first N tasks")
+    r.add_argument("--tasks", type=flag_type(int, Range(1, None, "a run learns at least one task",
+                                                   integer=True)),
+                   default=None, help="learn only the first N tasks")
     r.add_argument("--data-root", default=None,
                    help="data folder (default $NWS_DATA_ROOT or ~/.cache/nws_bench/data)")
     r.add_argument("--out", default="results/runs", help="folder of run folders")
@@ -81,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels: bit-exact reruns and resumes on CPU")
-    r.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    r.add_argument("--workers", type=flag_type(int, WORKERS), default=0,
+                   help="data-loader worker processes")
     r.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. --opt beta=0.3 (see --list)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -91,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bars (also off when the output is not a terminal: one log "
                         "line per epoch instead)")
-    r.add_argument("--threads", type=int, default=None,
+    r.add_argument("--threads", type=flag_type(int, THREADS), default=None,
                    help="torch and OpenMP threads of this run (default: torch's choice; the "
                         "local launcher divides the cores among its jobs)")
     r.add_argument("--kernels-dir", default=None,
@@ -186,6 +198,9 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
         raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
                          f"options ({valid})")
+    for name in methods:  # each value against its option's range (benchmarks.checks)
+        METHODS.get(name).resolve_options(
+            args.benchmark, {k: v for k, v in options.items() if k in settings[name]})
     seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
@@ -206,9 +221,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def apply_process_settings(args: argparse.Namespace) -> None:
     """``--threads`` and ``--kernels-dir`` for this process and its children."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # its range: THREADS, checked by the parser
         import torch
 
         torch.set_num_threads(args.threads)

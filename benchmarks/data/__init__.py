@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any
 
+from benchmarks.checks import Check
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, default_data_root
 from benchmarks.registry import Registry
 
@@ -36,13 +38,20 @@ def benchmark_option_names(name: str) -> list[str]:
 
 def check_benchmark_options(name: str, options: dict[str, Any]) -> None:
     """Raise ``ValueError`` (CLI exit 2) naming the valid keys when ``options`` holds a key
-    benchmark ``name`` does not take (before any job is planned or data is read)."""
+    benchmark ``name`` does not take, or naming the range when a value is outside the one
+    its builder's parameter declares (``Annotated[int, Range(...)]``); before any job is
+    planned or data is read."""
     valid = benchmark_option_names(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown --bench-opt key(s) {', '.join(unknown)} for benchmark {name}; valid: "
             f"{', '.join(valid) or 'none (it takes no options)'}")
+    hints = typing.get_type_hints(BENCHMARKS.get(name), include_extras=True)
+    for key, value in options.items():  # the ranges declared with the builder's parameters
+        for rule in getattr(hints.get(key), "__metadata__", ()):
+            if isinstance(rule, Check):
+                rule.check(f"--bench-opt {key}", value)
 
 
 __all__ = ["BENCHMARKS", "Benchmark", "DataUnavailableError", "Task", "benchmark_option_names",

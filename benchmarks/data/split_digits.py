@@ -21,12 +21,14 @@ CIFAR's size.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+from benchmarks.checks import Range
 from benchmarks.data.base import Benchmark, Task, TensorImages
 from benchmarks.data.batches import BatchAugment
 
@@ -55,7 +57,11 @@ def _split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def build(data_root: Path | None = None, size: int = 24) -> Benchmark:
+SIZE = Range(8, 512, "pixels per side of the upsampled 8x8 digits: a multiple of 8; 512 is "
+             "already 64x the source, and memory grows with its square", integer=True)
+
+
+def build(data_root: Path | None = None, size: Annotated[int, SIZE] = 24) -> Benchmark:
     """The five tasks at ``size`` x ``size`` pixels (``data_root`` is unused: bundled data)."""
     size = int(size)
     if size < 8 or size % 8:

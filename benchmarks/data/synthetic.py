@@ -4,19 +4,27 @@ every result row of a run on it carries ``synthetic=True``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
+from benchmarks.checks import Range
 from benchmarks.data.base import Benchmark, Task, TensorImages
+
+# --bench-opt ranges (benchmarks.checks): a test set is small; memory grows with all of them
+_COUNT = Range(1, 100_000, "images per task: at least one; 100,000 is past any test's need",
+               integer=True)
 
 
 def build(
     data_root: Path | None = None,
-    num_tasks: int = 3,
-    num_classes: int = 2,
-    n_train: int = 32,
-    n_test: int = 16,
-    size: int = 32,
+    num_tasks: Annotated[int, Range(1, 100, "tasks: at least one", integer=True)] = 3,
+    num_classes: Annotated[int, Range(2, 1000, "a task tells classes apart: two at least",
+                                      integer=True)] = 2,
+    n_train: Annotated[int, _COUNT] = 32,
+    n_test: Annotated[int, _COUNT] = 16,
+    size: Annotated[int, Range(8, 512, "pixels per side: the archs need 8 at least; 512 "
+                               "is past any test's need", integer=True)] = 32,
 ) -> Benchmark:
     g = torch.Generator().manual_seed(0)
     tasks = []

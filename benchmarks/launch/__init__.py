@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.checks import Range, flag_type
 from benchmarks.registry import Registry
 from benchmarks.sweep import Job, job_table, plan, run_argv
 
@@ -23,9 +24,13 @@ LAUNCHERS.register("slurm", "benchmarks.launch.slurm:launch_slurm",
                    "a SLURM job array through submitit, requeued on timeout or preemption")
 
 
-# The smallest value of each count flag (dest: least); below it a launch stops (exit 2).
-LEAST = {"jobs": 1, "per_gpu": 1, "threads": 1, "parallelism": 1, "max_requeue": 0,
-         "slurm_gpus": 0, "slurm_cpus": 1, "mem_gb": 0.001}
+# Valid ranges of the launcher's count flags (benchmarks.checks), given to their parsers.
+AT_LEAST_ONE = Range(1, None, "a count of jobs, runs, GPUs' slots or CPUs: at least one",
+                     integer=True)
+GPUS = Range(0, None, "GPUs per job: 0 runs on the CPU", integer=True)
+REQUEUES = Range(0, None, "requeues after a timeout: 0 leaves a timed-out run partial",
+                 integer=True)
+MEM_GB = Range(0, None, "memory per job in GB: more than none", lo_open=True)
 
 
 def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,9 +39,9 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
                    help="inline: here, one run after the other (default); local: N processes; "
                         "slurm: a job array")
     g.add_argument("--dry-run", action="store_true", help="print the job table and exit")
-    g.add_argument("--jobs", type=int, default=None,
+    g.add_argument("--jobs", type=flag_type(int, AT_LEAST_ONE), default=None,
                    help="local: concurrent runs (default 1, or the GPU slots of --per-gpu)")
-    g.add_argument("--per-gpu", type=int, default=None,
+    g.add_argument("--per-gpu", type=flag_type(int, AT_LEAST_ONE), default=None,
                    help="local: runs packed onto each GPU (pinned with CUDA_VISIBLE_DEVICES)")
     g.add_argument("--gpus", default=None,
                    help="local: GPU ids to use with --per-gpu (default: $CUDA_VISIBLE_DEVICES "
@@ -47,16 +52,18 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
                         "parallelism, sbatch (dict), setup (list of shell lines)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default=None,
-                   help="per run: minutes or [D-]HH:MM[:SS] (default 60; a run past it is "
+                   help="per run: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]] as sbatch reads them "
+                        "(default 60; a run past it is "
                         "requeued and resumes)")
-    s.add_argument("--gpus-per-job", dest="slurm_gpus", type=int, default=None)
-    s.add_argument("--cpus-per-job", dest="slurm_cpus", type=int, default=None)
-    s.add_argument("--mem-gb", type=float, default=None)
-    s.add_argument("--parallelism", type=int, default=None,
+    s.add_argument("--gpus-per-job", dest="slurm_gpus", type=flag_type(int, GPUS), default=None)
+    s.add_argument("--cpus-per-job", dest="slurm_cpus", type=flag_type(int, AT_LEAST_ONE),
+                   default=None)
+    s.add_argument("--mem-gb", type=flag_type(float, MEM_GB), default=None)
+    s.add_argument("--parallelism", type=flag_type(int, AT_LEAST_ONE), default=None,
                    help="array tasks running at once (%%N)")
     s.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
                    help="any other sbatch option, e.g. --sbatch account=abc --sbatch qos=high")
-    s.add_argument("--max-requeue", type=int, default=3,
+    s.add_argument("--max-requeue", type=flag_type(int, REQUEUES), default=3,
                    help="requeues on timeout before a run is left partial")
 
 
@@ -81,13 +88,8 @@ def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]
 
 def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Plan, then print (``--dry-run``) or place the jobs with ``--launcher``. Raises
-    ``ValueError`` (CLI exit 2) for a count below 1, ``WeightsUnavailableError`` for a weights
-    file that is not there or does not fit ``--arch``."""
-    flags = {a.dest: a.option_strings[-1] for a in p._actions}
-    for dest, least in LEAST.items():
-        value = getattr(args, dest)
-        if value is not None and value < least:
-            raise ValueError(f"{flags[dest]} must be >= {least}, got {value}")
+    ``ValueError`` (CLI exit 2) for a bad plan, ``WeightsUnavailableError`` for a weights
+    file that is not there or does not fit ``--arch`` (counts: their flags' ranges)."""
     source = args.weights or args.pretrained
     if source not in (None, "imagenet", "none"):  # every job would stop on a bad file
         from benchmarks.archs import Pretrained

@@ -26,6 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from benchmarks.checks import Range
+from benchmarks.launch import AT_LEAST_ONE, GPUS, MEM_GB
 from benchmarks.launch.job import run_job
 from benchmarks.sweep import Job, sweep_dir
 
@@ -40,15 +42,39 @@ REPO = Path(__file__).resolve().parent.parent.parent
 CONFIG_KEYS = ("partition", "time", "gpus", "cpus", "mem_gb", "parallelism", "sbatch", "setup")
 
 
+# sbatch --time's forms (its man page): minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+_TIME_FORMS = (r"(?P<m>\d+)", r"(?P<m>\d+):(?P<s>\d+)", r"(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)",
+               r"(?P<d>\d+)-(?P<h>\d+)", r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)",
+               r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)")
+TIME = Range(1, None, "minutes per run: SLURM reads 0 as no limit, which a requeue on "
+             "timeout cannot use", integer=True)
+# The other settings' ranges: those of their flags (benchmarks.launch).
+RANGES = {"gpus": GPUS, "cpus": AT_LEAST_ONE, "mem_gb": MEM_GB, "parallelism": AT_LEAST_ONE}
+
+
 def minutes(value: str | int | float) -> int:
-    """SLURM time: minutes, or ``[D-]HH:MM[:SS]`` -> whole minutes (rounded up)."""
-    if isinstance(value, int | float) or re.fullmatch(r"\d+", str(value)):
-        return int(value)
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d+)(?::(\d+))?", str(value).strip())
-    if not m:
+    """SLURM time in sbatch's forms (minutes, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``)
+    -> whole minutes (rounded up); ``ValueError`` for another form, a field past its unit
+    (``25:99``), or less than a minute."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"--time {value!r}: give minutes or [D-]HH:MM[:SS]")
-    days, hours, mins, secs = (int(g) if g else 0 for g in m.groups())
-    return days * 1440 + hours * 60 + mins + (1 if secs else 0)
+    if isinstance(value, int | float):
+        return TIME.check("--time", value)
+    text = value.strip()
+    match = next((m for form in _TIME_FORMS if (m := re.fullmatch(form, text))), None)
+    if match is None:
+        raise ValueError(f"--time {value!r}: give minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]] "
+                         f"(sbatch's forms)")
+    parts = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    # a leading field is unbounded (90 minutes, 30 hours); one after a colon is below 60
+    limits = {"h": 24 if "d" in parts else None, "m": 60 if "h" in parts else None, "s": 60}
+    for unit, limit in limits.items():
+        if limit is not None and parts.get(unit, 0) >= limit:
+            raise ValueError(f"--time {value!r}: {parts[unit]} is past its unit (< {limit}); "
+                             f"give minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")
+    total = (parts.get("d", 0) * 1440 + parts.get("h", 0) * 60 + parts.get("m", 0)
+             + (1 if parts.get("s") else 0))
+    return TIME.check("--time", total)
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +100,9 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--sbatch takes KEY=VALUE, got {item!r}")
         extra[key.lstrip("-").replace("-", "_")] = value
     conf["sbatch"] = extra
+    for key, rule in RANGES.items():  # a --slurm-config value as its flag's would be
+        if key in conf:
+            rule.check(f"slurm {key}", conf[key])
     conf["time"] = minutes(conf.get("time", 60))
     conf["max_requeue"] = args.max_requeue
     return conf

@@ -12,9 +12,7 @@ after a phase's last epoch, deleted once the task is in the store).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import platform
 import shutil
@@ -31,6 +29,14 @@ from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensor
 from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.device_policy import DevicePolicy, resolve_device
+from benchmarks.identity import (
+    RunConflictError,
+    check_resumable,
+    input_digests,
+    resolve_input_path,
+    resolve_option_paths,
+    run_id,
+)
 from benchmarks.lock import RunLock
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
@@ -48,10 +54,6 @@ from benchmarks.training import (
 
 log = logging.getLogger("benchmarks")
 MIB = 2**20
-
-
-class RunConflictError(RuntimeError):
-    """The run folder holds a run with another configuration."""
 
 
 @dataclass
@@ -128,60 +130,28 @@ def data_identity(benchmark_options: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_identity(cfg: RunConfig, protocol: Protocol, options: dict[str, Any],
-                 pretrained: str, device: torch.device) -> dict[str, Any]:
-    """What must match for a run folder to be resumed.
+                 pretrained: str, device: torch.device, method_cls: type[Method]
+                 ) -> dict[str, Any]:
+    """What must match for a run folder to be resumed (docs/reproducibility.md, Run
+    identity; compared by :func:`benchmarks.identity.check_resumable`).
 
     The device type belongs to it: a run started on CPU and resumed on CUDA (or back) would
     mix two numerics (other kernels, TF32, AMP only on CUDA) in one result without a trace,
     so such a resume is refused (:func:`check_resumable` says how to go on). The device
     index does not (a requeued job may get another GPU). It is not in the run id: the same
     command on another device type finds the folder and is told, not silently given a new
-    one."""
+    one. So are the method's rule version and the digests of its input files."""
     proto = protocol.as_dict()
     proto.pop("provenance")
+    settings = method_cls.settings(cfg.benchmark)
     return {
         "method": cfg.method, "benchmark": cfg.benchmark, "arch": cfg.arch, "seed": cfg.seed,
         "protocol": proto, "options": options, "pretrained": pretrained,
         "num_tasks": cfg.num_tasks, "benchmark_options": data_identity(cfg.benchmark_options),
         "deterministic": cfg.deterministic, "device_type": device.type,
+        "rule_version": method_cls.rule_version,
+        "inputs": input_digests(pretrained, settings, options),
     }
-
-
-def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Raise :class:`RunConflictError` unless the run in ``folder`` (its ``previous``
-    identity) is the run ``identity`` describes."""
-    identity = json.loads(json.dumps(identity, default=str))
-    for key in sorted(set(previous) | set(identity)):
-        flag, was, now = _resume_flag(key), previous.get(key), identity.get(key)
-        if flag is not None and was is not None and was != now:
-            raise RunConflictError(
-                f"{folder} was started on a {was} {flag} and this command runs on {now}: "
-                f"resuming would mix two numerics in one result. Resume it with --{flag} "
-                f"{was}, or start afresh on {now} with another --out (or delete that folder)")
-    if previous != identity:
-        differ = sorted(k for k in set(previous) | set(identity)
-                        if previous.get(k) != identity.get(k))
-        raise RunConflictError(
-            f"{folder} holds a run with another configuration (differs in: "
-            f"{', '.join(differ)}); choose another --out, or delete that folder to start over"
-        )
-
-
-def _resume_flag(key: str) -> str | None:
-    """The CLI flag that chose identity ``key`` where a resume under another choice is
-    refused with how to go on: the device type (``--device``) and a method's
-    ``policy_fields`` (``policy_search``: ``--search``); None for any other key."""
-    if key == "device_type":
-        return "device"
-    return key.removeprefix("policy_") if key.startswith("policy_") else None
-
-
-def run_id(cfg: RunConfig, identity: dict[str, Any]) -> str:
-    base = f"{cfg.benchmark}-{cfg.method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}"
-    variant = {k: identity[k] for k in ("options", "pretrained", "num_tasks", "benchmark_options")}
-    variant["protocol_overrides"] = cfg.protocol_overrides
-    digest = hashlib.sha256(json.dumps(variant, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{base}-{digest[:8]}"
 
 
 def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
@@ -192,8 +162,10 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     bench = bench if bench is not None else build_benchmark(cfg)
     check_input_size(cfg.arch, bench.input_size, cfg.benchmark)  # before any run folder
     method_cls: type[Method] = METHODS.get(cfg.method)
-    options = method_cls.resolve_options(cfg.benchmark, cfg.method_options)
-    pretrained_source = cfg.pretrained or bench.default_pretrained
+    settings = method_cls.settings(cfg.benchmark)
+    options = method_cls.resolve_options(
+        cfg.benchmark, resolve_option_paths(settings, cfg.method_options))
+    pretrained_source = resolve_input_path(cfg.pretrained or bench.default_pretrained)
     pretrained = Pretrained(cfg.arch, pretrained_source, seed=cfg.seed)
     tasks = tuple(TaskInfo(t.index, t.name, t.num_classes) for t in bench.tasks)
     protocol = resolve_protocol(cfg.protocol, cfg.benchmark)
@@ -207,9 +179,9 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     ctx.protocol = protocol
 
     every = CheckpointPolicy.parse(cfg.checkpoint_every)
-    identity = run_identity(cfg, protocol, options, pretrained_source, device)
+    identity = run_identity(cfg, protocol, options, pretrained_source, device, method_cls)
     identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
-    rid = run_id(cfg, identity)
+    rid = run_id(cfg, identity, {k: s.value for k, s in settings.items()})
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
     with RunLock(results.dir):  # one writer per run folder, for the run's life
         return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
@@ -225,7 +197,8 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
     try:
         previous = results.read_json("config.json")
         if previous is not None:
-            check_resumable(results.dir, previous["identity"], identity)
+            check_resumable(results.dir, previous["identity"], identity,
+                            {k: s.value for k, s in method_cls.settings(cfg.benchmark).items()})
     except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a run's config
         raise RunConflictError(
             f"{results.dir / 'config.json'} is damaged ({type(err).__name__}: {err}); nothing "

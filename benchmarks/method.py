@@ -62,6 +62,11 @@ class Method(ABC):
     # The DevicePolicy fields whose choice can change this method's results: they join the
     # run identity, so a resume under another choice is refused (NWS: the search path).
     policy_fields: ClassVar[tuple[str, ...]] = ()
+    # The version of the method's rules: bumped when a default's *behaviour* changes (e.g. a
+    # reference rule becomes the default), so runs of the old rules are never resumed into
+    # (docs/reproducibility.md, Run identity). An option added with a default that keeps
+    # the old behaviour needs no bump: it changes no run id.
+    rule_version: ClassVar[int] = 1
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx

@@ -25,6 +25,7 @@ from benchmarks.checks import Range, flag_type
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
 from benchmarks.device_policy import SEARCH_PATHS
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
+from benchmarks.identity import resolve_input_path, resolve_option_paths
 from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
@@ -198,14 +199,15 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
         raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
                          f"options ({valid})")
+    chosen = {name: resolve_option_paths(settings[name], {
+        k: v for k, v in options.items() if k in settings[name]}) for name in methods}
     for name in methods:  # each value against its option's range (benchmarks.checks)
-        METHODS.get(name).resolve_options(
-            args.benchmark, {k: v for k, v in options.items() if k in settings[name]})
+        METHODS.get(name).resolve_options(args.benchmark, chosen[name])
     seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
         data_root=args.data_root, out=args.out,
-        pretrained=args.weights or args.pretrained, num_tasks=args.tasks,
+        pretrained=resolve_input_path(args.weights or args.pretrained), num_tasks=args.tasks,
         device=args.device, deterministic=args.deterministic, num_workers=args.workers,
         protocol_overrides=overrides,
         benchmark_options=bench_options,
@@ -214,8 +216,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
         compile=args.compile, search=args.search,
     )
-    return [RunConfig(method=name, seed=seed, method_options={
-                k: v for k, v in options.items() if k in settings[name]}, **base)
+    return [RunConfig(method=name, seed=seed, method_options=chosen[name], **base)
             for seed in seeds for name in methods]
 
 

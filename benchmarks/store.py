@@ -38,6 +38,16 @@ def checksum(data: bytes | memoryview) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def checksum_file(path: str | Path, chunk: int = 2**24) -> str:
+    """:func:`checksum` of a file's bytes, read in ``chunk``-byte pieces (inputs of a run:
+    weights and pools files, possibly large)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class StoreIntegrityError(ValueError):
     """A blob's file is missing, shorter or longer than the index says, or fails its
     checksum: the stored task is damaged (the CLI stops with exit 2; analysis leaves the

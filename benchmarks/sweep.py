@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import RunConfig
+from benchmarks.identity import resolve_input_path
 
 SWEEP_DIR = ".sweep"
 MATCH_FIELDS = ("method", "seed", "benchmark", "arch", "protocol", "num_tasks", "pretrained",
@@ -78,9 +79,10 @@ def run_argv(p: argparse.ArgumentParser, args: argparse.Namespace, group: str,
         if action.dest in ("method", "seeds", "no_progress") or (
                 value == action.default and action.dest != "out"):  # out: always, absolute
             continue
-        if action.dest in ("out", "data_root", "kernels_dir") or (
-                action.dest in ("weights", "pretrained") and Path(value).is_file()):
+        if action.dest in ("out", "data_root", "kernels_dir"):
             value = str(Path(value).expanduser().resolve())
+        elif action.dest in ("weights", "pretrained"):  # as the run resolves it
+            value = resolve_input_path(value)
         flag = action.option_strings[-1]
         if isinstance(action, argparse._StoreTrueAction):
             out.append(flag)

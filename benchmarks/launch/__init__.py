@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks.checks import Range, flag_type
+from benchmarks.identity import resolve_input_path, resolve_option_paths
 from benchmarks.registry import Registry
 from benchmarks.sweep import Job, job_table, plan, run_argv
 
@@ -72,10 +73,25 @@ def normalise_paths(args: argparse.Namespace) -> None:
     for name in ("out", "data_root", "kernels_dir"):
         if getattr(args, name):
             setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
-    for name in ("weights", "pretrained"):
-        value = getattr(args, name)
-        if value and Path(value).expanduser().is_file():
-            setattr(args, name, str(Path(value).expanduser().resolve()))
+    for name in ("weights", "pretrained"):  # a keyword stays; any path is made absolute
+        setattr(args, name, resolve_input_path(getattr(args, name)))
+    args.opt = [resolve_opt_item(item, args.benchmark) for item in args.opt or []] or None
+
+
+def resolve_opt_item(item: str, benchmark: str) -> str:
+    """A ``--opt KEY=VALUE`` with VALUE resolved as the run resolves it, when some method
+    declares KEY an input file (:func:`benchmarks.identity.resolve_option_paths`)."""
+    from benchmarks.methods import METHODS
+    from benchmarks.run import _value
+
+    key, sep, value = item.partition("=")
+    for name in METHODS.names():
+        settings = METHODS.get(name).settings(benchmark)
+        if sep and key in settings and isinstance(_value(value), str):
+            resolved = resolve_option_paths(settings, {key: _value(value)})[key]
+            if resolved != _value(value):
+                return f"{key}={resolved}"
+    return item
 
 
 def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]:

@@ -130,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def list_registries() -> str:
-    from benchmarks.protocols import resolve_protocol
+    from benchmarks.protocols import RULES, resolve_protocol
 
     parts = [METHODS.describe(), BENCHMARKS.describe(), ARCHS.describe(), PROTOCOLS.describe()]
     for name in METHODS.names():
@@ -140,10 +140,13 @@ def list_registries() -> str:
             parts.append(f"options of {name}: unavailable ({err})")
             continue
         if settings:
-            rows = [f"    {k} = {s.value!r}  ({s.source})" for k, s in settings.items()]
+            rows = [f"    {k} = {s.value!r}  ({s.source})"
+                    + (f"; valid: {s.check.describe()}" if s.check else "")
+                    for k, s in settings.items()]
             parts.append(f"options of {name}:\n" + "\n".join(rows))
     proto = resolve_protocol("paper", "split_cifar100")
-    rows = [f"    {k} = {getattr(proto, k)!r}  ({src})" for k, src in proto.provenance.items()]
+    rows = [f"    {k} = {getattr(proto, k)!r}  ({src}); valid: {RULES[k].describe()}"
+            for k, src in proto.provenance.items()]
     parts.append("protocol fields (paper, split_cifar100) for --set:\n" + "\n".join(rows))
     return "\n\n".join(parts)
 

@@ -140,7 +140,8 @@ def run_identity(cfg: RunConfig, protocol: Protocol, options: dict[str, Any],
     so such a resume is refused (:func:`check_resumable` says how to go on). The device
     index does not (a requeued job may get another GPU). It is not in the run id: the same
     command on another device type finds the folder and is told, not silently given a new
-    one. So are the method's rule version and the digests of its input files."""
+    one. The method's rule version and its input files' digests are likewise in the
+    identity but not in the run id."""
     proto = protocol.as_dict()
     proto.pop("provenance")
     settings = method_cls.settings(cfg.benchmark)

@@ -53,9 +53,8 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
                         "parallelism, sbatch (dict), setup (list of shell lines)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default=None,
-                   help="per run: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]] as sbatch reads them "
-                        "(default 60; a run past it is "
-                        "requeued and resumes)")
+                   help="per run: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]], as sbatch reads "
+                        "them (default 60; a run past it is requeued and resumes)")
     s.add_argument("--gpus-per-job", dest="slurm_gpus", type=flag_type(int, GPUS), default=None)
     s.add_argument("--cpus-per-job", dest="slurm_cpus", type=flag_type(int, AT_LEAST_ONE),
                    default=None)

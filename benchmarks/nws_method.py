@@ -43,7 +43,7 @@ from benchmarks.device_policy import DevicePolicy
 from benchmarks.method import Breakdown, Fit, Method, TaskInfo
 from benchmarks.protocols import S
 from benchmarks.seeding import generator
-from benchmarks.store import ArtifactStore, Transaction
+from benchmarks.store import ArtifactStore, StoreIntegrityError, Transaction
 from nws import codec
 from nws.bitpack import bits_for, packed_nbytes
 
@@ -314,8 +314,8 @@ class NWSMethod(Method):
             t, info = chain[i]
             try:
                 data = store.get_bytes(INDICES, t)
-            except FileNotFoundError as err:
-                raise _broken(store, task, t, f"its file {err.filename} is missing") from None
+            except StoreIntegrityError as err:  # missing, truncated or changed
+                raise _broken(store, task, t, f"its file {err.path} {err.why}") from None
             counts, n = [c for _, c in info.meta["layers"]], int(info.meta["pool_size"])
             if info.codec == DELTA_BLOB:
                 layers = codec.decode_delta(data, counts, layers, n)
@@ -404,6 +404,6 @@ def _broken(store: ArtifactStore, task: int, missing: int, why: str) -> BrokenCh
                                 "delete the run folder and run again.")
     return BrokenChainError(
         f"artifact store {store.root}: task {task}'s indices are delta-coded, and decoding "
-        f"them needs task {missing}'s indices, but {why} (the store is truncated mid-chain). "
+        f"them needs task {missing}'s indices, but {why} (the store is damaged mid-chain). "
         f"Restore task {missing} from a copy of the store, or delete the run folder and run "
         "again.")

@@ -51,7 +51,11 @@ def checksum_file(path: str | Path, chunk: int = 2**24) -> str:
 class StoreIntegrityError(ValueError):
     """A blob's file is missing, shorter or longer than the index says, or fails its
     checksum: the stored task is damaged (the CLI stops with exit 2; analysis leaves the
-    run out with a warning)."""
+    run out with a warning). ``path``: the blob's file; ``why``: what is wrong with it."""
+
+    def __init__(self, message: str, path: Path, why: str) -> None:
+        super().__init__(message)
+        self.path, self.why = path, why
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -150,23 +154,25 @@ class ArtifactStore:
         try:
             data = (self.root / info.file).read_bytes()
         except FileNotFoundError:
-            raise self._damaged(name, task, info, "the file is missing") from None
+            raise self._damaged(name, task, info, "is missing") from None
         if len(data) != info.nbytes:
-            raise self._damaged(name, task, info, f"{len(data)} bytes where the index says "
-                                                  f"{info.nbytes} (truncated or overwritten)")
+            raise self._damaged(name, task, info, f"has {len(data)} bytes where the index "
+                                                  f"says {info.nbytes} (truncated or "
+                                                  f"overwritten)")
         if info.blake2b is not None and checksum(data) != info.blake2b:
-            raise self._damaged(name, task, info, "its checksum does not match the index "
-                                                  "(the bytes were changed)")
+            raise self._damaged(name, task, info, "does not match its checksum in the index "
+                                                  "(its bytes were changed)")
         return data
 
     def _damaged(self, name: str, task: int | None, info: BlobInfo,
                  why: str) -> StoreIntegrityError:
         run = self.root.parent if self.root.name == "artifacts" else self.root
         where = "the shared blobs" if task is None else f"task {task}"
+        path = self.root / info.file
         return StoreIntegrityError(
-            f"run {run}: the artifact store is damaged: {where}, blob {name!r}, file "
-            f"{self.root / info.file}: {why}. Restore the run folder from a backup, or delete "
-            f"it to run that run again")
+            f"run {run}: the artifact store is damaged: {where}, blob {name!r}: its file "
+            f"{path} {why}. Restore the run folder from a backup, or delete it to run that "
+            f"run again", path, why)
 
     def verify(self) -> None:
         """Read every blob once (:meth:`get_bytes`'s checks); raises the first

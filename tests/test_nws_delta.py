@@ -141,6 +141,22 @@ def test_truncated_chain_names_the_missing_task(tmp_path, learned) -> None:
     assert lost.exists()
 
 
+def test_a_flipped_byte_mid_chain_is_an_error_not_new_indices(tmp_path, learned) -> None:
+    """Was: one flipped byte of a delta blob changed thousands of later tasks' indices and
+    the re-evaluation exited 0; the blob's checksum in the store's index finds it."""
+    store = _store(tmp_path, "flip", learned, codec="delta")
+    path = store.root / store.info("indices", 2).file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    nws_method._decoded.clear()
+    flipped = ArtifactStore(store.root, readonly=True)
+    assert np.array_equal(NWSMethod.task_indices(flipped, 1)["0"], learned[1]["0"])
+    with pytest.raises(BrokenChainError, match=r"needs task 2's indices.*checksum") as err:
+        NWSMethod.task_indices(flipped, 5)
+    assert str(path) in str(err.value)
+
+
 def test_bad_options_and_the_formula_say_what_to_do() -> None:
     with pytest.raises(ValueError, match="keyframe_every"):
         _method(codec="delta", keyframe_every=-2)

@@ -41,9 +41,9 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-3])
 
 
-DAMAGE = {"flip": (_flip, "checksum does not match"),
+DAMAGE = {"flip": (_flip, "does not match its checksum"),
           "truncate": (_truncate, "bytes where the index says"),
-          "delete": (Path.unlink, "file is missing")}
+          "delete": (Path.unlink, "is missing")}
 
 
 @pytest.mark.parametrize("blob", [SHARED_BLOB, TASK_BLOB], ids=["shared", "task"])

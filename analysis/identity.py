@@ -15,9 +15,15 @@ What a difference is, per identity key:
 - ``pretrained``: differs from the benchmark's default source (known from the runs that did
   not set ``--pretrained``), or set explicitly when no such run is loaded.
 - ``num_tasks`` (shown as ``tasks``): set; ``benchmark_options.*``: present (none by default).
-- any other key (``policy_search``, keys a later version adds, options of a method whose
-  class cannot be imported): shown where its value varies between the groups of the same
-  (benchmark, method, arch, protocol).
+- ``policy_search`` (shown as ``search``): differs from the search path the run's device
+  type takes by default (:func:`nws.search.device_default_search`: certificates on CPU,
+  full elsewhere), so a run whose path was chosen by ``--search`` or ``$NWS_SEARCH`` says so.
+- any other key (keys a later version adds, options of a method whose class cannot be
+  imported): shown where its value varies between the groups of the same (benchmark,
+  method, arch, protocol).
+
+A label is the group's: a key is shown when the rules above show it for any run of the
+group (their settings are equal; what they declared on the command line may not be).
 
 Two groups never share a label: where the rules above leave two alike (e.g. runs of two code
 versions whose defaults differ), the keys that differ between them are added. A run without
@@ -35,17 +41,20 @@ import functools
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.grouping import flatten, group_key, splitting_identity
+from nws.search import device_default_search
 
 log = logging.getLogger(__name__)
 
 # identity keys the label never shows: they are the row's own columns (or the seed)
 _OWN = ("method", "benchmark", "arch", "seed", "protocol.name")
+# identity key -> its default for a device type (the harness's DevicePolicy fields)
+POLICY_DEFAULTS: dict[str, Callable[[str], Any]] = {"policy_search": device_default_search}
 _MAX_VALUE = 40  # longer values (file paths) are shown by their last part
 
 
@@ -125,6 +134,8 @@ def _differences(m: Member, flat: dict[str, Any], varying: set[str],
             shown = value is not None
         elif head == "benchmark_options":
             shown = True
+        elif key in POLICY_DEFAULTS:
+            shown = value != POLICY_DEFAULTS[key](str(m.identity.get("device_type", "")))
         else:
             shown = key in varying
         if shown:
@@ -175,10 +186,14 @@ def assign_labels(members: list[Member]) -> None:
         keys = {k for i in idx for k in flats[i]}
         varying = {k for k in keys
                    if len({json.dumps(flats[i].get(k), default=str) for i in idx}) > 1}
+        shown: dict[str, dict[str, Any]] = defaultdict(dict)  # group -> keys shown
+        for i in idx:
+            shown[members[i].group] |= _differences(members[i], flats[i], varying,
+                                                    default_pretrained)
         labels: dict[str, set[str]] = defaultdict(set)
         for i in idx:
             m = members[i]
-            diffs = _differences(m, flats[i], varying, default_pretrained)
+            diffs = {k: flats[i][k] for k in flats[i] if k in shown[m.group]}
             base, diffs = _variant(m.method, flats[i], diffs)
             m.label = _compose(base, diffs)
             labels[m.label].add(m.group)

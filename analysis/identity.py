@@ -31,7 +31,7 @@ versions whose defaults differ), the keys that differ between them are added. A 
 beside a run that has one.
 
 Two runs of one group with one seed are duplicates: the most complete is kept (most tasks
-learned, then most rows, then the first folder by name), the others are left out with a
+learned, then most rows, then the first folder by path), the others are left out with a
 warning and a note in the tables (:func:`dedupe`); they are never averaged.
 """
 
@@ -226,14 +226,14 @@ def dedupe(members: list[Member]) -> tuple[list[Member], list[str]]:
         by_key[(m.benchmark, m.arch, m.protocol, m.label, m.group, m.seed)].append(m)
     kept, notes = [], []
     for same in by_key.values():
-        same.sort(key=lambda m: (-m.completeness[0], -m.completeness[1], m.dir.name))
+        same.sort(key=lambda m: (-m.completeness[0], -m.completeness[1], str(m.dir)))
         best, rest = same[0], same[1:]
         kept.append(best)
         if rest:
             best.duplicates = [r.dir for r in rest]
             note = (f"{best.label}/{best.arch} seed {best.seed}: {len(same)} runs of the same "
-                    f"settings and seed; kept {best.dir.name} ({best.completeness[0]} tasks "
-                    f"learned), left out {', '.join(r.dir.name for r in rest)} (duplicates "
+                    f"settings and seed; kept {best.dir} ({best.completeness[0]} tasks "
+                    f"learned), left out {', '.join(str(r.dir) for r in rest)} (duplicates "
                     f"are never averaged)")
             log.warning("%s", note)
             best.duplicate_note = note

@@ -82,9 +82,10 @@ class ResultsStore:
         return read_rows(self.rows_path)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        new = pd.DataFrame(rows, columns=COLUMNS).assign(schema=SCHEMA_VERSION)
+        new = pd.DataFrame(rows, columns=COLUMNS)
         old = self.rows()
         frame = new if old.empty else pd.concat([old, new], ignore_index=True)
+        frame["schema"] = SCHEMA_VERSION  # the whole file is rewritten in this layout
         buf = io.StringIO()
         frame.to_csv(buf, index=False)
         atomic_write_text(self.rows_path, buf.getvalue())

@@ -14,7 +14,8 @@ What a difference is, per identity key:
   method's own adjustment of the protocol, e.g. AQD's bf16, is part of its default).
 - ``pretrained``: differs from the benchmark's default source (known from the runs that did
   not set ``--pretrained``), or set explicitly when no such run is loaded.
-- ``num_tasks`` (shown as ``tasks``): set; ``benchmark_options.*``: present (none by default).
+- ``num_tasks`` (shown as ``tasks``): set (such a run of the defaults is still set beside the
+  paper's figures, marked partial: :data:`PAPER_COMPARABLE`); ``benchmark_options.*``: present (none by default).
 - ``policy_search`` (shown as ``search``): differs from the search path the run's device
   type takes by default (:func:`nws.search.device_default_search`: certificates on CPU,
   full elsewhere), so a run whose path was chosen by ``--search`` or ``$NWS_SEARCH`` says so.
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 _OWN = ("method", "benchmark", "arch", "seed", "protocol.name")
 # identity key -> its default for a device type (the harness's DevicePolicy fields)
 POLICY_DEFAULTS: dict[str, Callable[[str], Any]] = {"policy_search": device_default_search}
+# keys in which a run may differ from the defaults and still be set beside the paper's
+# figures (a partial run: the tables say "1/20 partial" and that it is not comparable)
+PAPER_COMPARABLE = frozenset({"num_tasks"})
 _MAX_VALUE = 40  # longer values (file paths) are shown by their last part
 
 
@@ -73,6 +77,7 @@ class Member:
     completeness: tuple[int, int] = (0, 0)  # (tasks learned, rows)
     label: str = ""
     group: str = ""
+    comparable: bool = True  # differs from the defaults in the number of tasks at most
     duplicates: list[Path] = field(default_factory=list)  # folders left out for this one
     duplicate_note: str = ""
 
@@ -196,6 +201,7 @@ def assign_labels(members: list[Member]) -> None:
             diffs = {k: flats[i][k] for k in flats[i] if k in shown[m.group]}
             base, diffs = _variant(m.method, flats[i], diffs)
             m.label = _compose(base, diffs)
+            m.comparable = base == m.method and set(diffs) <= PAPER_COMPARABLE
             labels[m.label].add(m.group)
         for label, groups in labels.items():
             if len(groups) > 1:
@@ -209,6 +215,7 @@ def _separate(idx: list[int], members: list[Member], flats: list[dict[str, Any]]
               if len({json.dumps(flats[i].get(k), default=str) for i in idx}) > 1]
     for i in idx:
         m = members[i]
+        m.comparable = False  # two experiments alike by the rules: neither is the paper's
         if not m.identity:
             m.label += " (no config.json)"
             continue

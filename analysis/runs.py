@@ -99,6 +99,7 @@ class Run:
     registered: str = ""  # the registered method (rows.csv's own ``method``)
     group: str = ""  # :func:`benchmarks.grouping.group_key` of its identity
     duplicate_note: str = ""  # set when other runs of its group and seed were left out
+    comparable: bool = True  # the paper's figures apply (defaults, or a partial run of them)
 
     def _first(self, column: str) -> Any:
         return self.rows[column].iloc[0]
@@ -191,7 +192,7 @@ def label_runs(runs: list[Run]) -> list[Run]:
     for m in kept:
         run = by_dir[m.dir]
         run.rows["method"] = m.label
-        run.group, run.duplicate_note = m.group, m.duplicate_note
+        run.group, run.duplicate_note, run.comparable = m.group, m.duplicate_note, m.comparable
         out.append(run)
     return out
 

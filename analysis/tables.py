@@ -15,7 +15,7 @@ For every (benchmark, protocol) with runs:
 Rows are experiments: runs are gathered by their settings but for the seed, and a run with
 other settings than its method's defaults is its own row, labelled by what differs
 (``nws (beta=0.1)``; :mod:`analysis.identity`); the paper's figures stand beside the default
-rows only. Two runs of one experiment and seed are never averaged: the most complete is kept
+rows only, and beside rows of the defaults on fewer tasks (``--tasks N``: marked partial). Two runs of one experiment and seed are never averaged: the most complete is kept
 and a note says so. A row whose seeds ran on different device types, or with and without
 ``--deterministic``, says so in a note (those do not split a row: docs/reference.md §3).
 Missing runs, missing seeds and unfinished runs are listed under each table, never filled in.
@@ -219,7 +219,7 @@ class Group:
         s = self.seeds[(self.seeds.method == method) & (self.seeds.arch == arch)]
         acc = summarize(100 * s.avg_accuracy)
         stored = [_final_store_bytes(r) for r in self.method_runs(method, arch)]
-        mem = self.memory(arch).get(method)
+        mem = self.memory(arch).get(self.paper_name(method))
         conv = mem.paper_convention.total() if mem and mem.paper_convention else None
         stored = [b for b in stored if b is not None]
         return {"seeds": acc.n, "tasks": int(s.tasks.min()) if len(s) else 0,
@@ -229,9 +229,18 @@ class Group:
                 "stored_mib": mib(float(np.mean(stored))) if stored else math.nan,
                 "paper_convention_mib": mib(conv) if conv is not None else math.nan}
 
+    def paper_name(self, method: str) -> str:
+        """The paper's name for a label: its method's when its runs used the method's
+        defaults (a partial run included, ``--tasks N``), else the label (no paper figure)."""
+        runs = [r for r in self.runs if r.method == method]
+        if runs and all(r.comparable for r in runs):
+            return runs[0].registered_method
+        return method
+
     def reported(self, method: str, arch: str, metric: str,
                  task: int | None = None) -> float:
-        v = paper_value(self.paper, self.benchmark, method, arch, metric, task)
+        v = paper_value(self.paper, self.benchmark, self.paper_name(method), arch, metric,
+                        task)
         return math.nan if v is None else v
 
 
@@ -301,7 +310,8 @@ def table1(g: Group) -> Table:
         records.append(r)
         notes += (g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
                   + g.run_notes(method, PAPER_ARCH))
-        if not is_default(method) and g.method_runs(method, PAPER_ARCH):  # not the paper's
+        if g.paper_name(method) == method and not is_default(method) and g.method_runs(
+                method, PAPER_ARCH):  # not the paper's settings
             notes.append(f"{display_label(method)}: not {registered_of(method)}'s default "
                          "settings: stored = the runs' artifact stores; the paper columns do "
                          "not apply")

@@ -106,6 +106,9 @@ def test_each_identity_field_is_its_own_row_labelled_by_what_differs(results, tm
     # the paper's figures stand beside the default rows only
     assert t1.loc["finetune", "paper_acc"] > 0
     assert pd.isna(t1.loc["finetune (pretrained=none)", "paper_acc"])
+    # ... and beside a partial run of the defaults, which says it is partial
+    assert t1.loc["finetune (tasks=1)", "paper_acc"] == t1.loc["finetune", "paper_acc"]
+    assert t1.loc["finetune (tasks=1)", "partial"]
     # rows of one method stay together, its defaults first
     order = list(t1.index)
     ft = [i for i, m in enumerate(order) if m.startswith("finetune")]
@@ -241,3 +244,15 @@ def test_rows_carry_a_schema_version_and_settings_on_request(results, tmp_path):
     assert set(full["config.device_type"]) == {"cpu"}
     groups = full.groupby("config.group").seed.nunique()
     assert sorted(groups) == [1] * 7 + [2, 2]
+
+
+def test_real_smoke_runs_are_labelled_by_their_command_line(tmp_path):
+    """Through the harness itself: a default run and a ``--set lr=0.5`` run of one seed."""
+    from benchmarks.harness import run
+
+    base = dict(method="finetune", benchmark="synthetic", protocol="smoke", num_tasks=1,
+                out=str(tmp_path), progress=False, device="cpu")
+    run(RunConfig(**base))
+    run(RunConfig(**base, protocol_overrides={"lr": 0.5}))
+    assert sorted(r.method for r in load_runs(tmp_path)) == ["finetune (tasks=1)",
+                                                             "finetune (tasks=1, lr=0.5)"]

@@ -15,7 +15,8 @@ What a difference is, per identity key:
 - ``pretrained``: differs from the benchmark's default source (known from the runs that did
   not set ``--pretrained``), or set explicitly when no such run is loaded.
 - ``num_tasks`` (shown as ``tasks``): set (such a run of the defaults is still set beside the
-  paper's figures, marked partial: :data:`PAPER_COMPARABLE`); ``benchmark_options.*``: present (none by default).
+  paper's figures, marked partial: :data:`PAPER_COMPARABLE`); ``benchmark_options.*``:
+  present (none by default).
 - ``policy_search`` (shown as ``search``): differs from the search path the run's device
   type takes by default (:func:`nws.search.device_default_search`: certificates on CPU,
   full elsewhere), so a run whose path was chosen by ``--search`` or ``$NWS_SEARCH`` says so.

@@ -15,8 +15,9 @@ For every (benchmark, protocol) with runs:
 Rows are experiments: runs are gathered by their settings but for the seed, and a run with
 other settings than its method's defaults is its own row, labelled by what differs
 (``nws (beta=0.1)``; :mod:`analysis.identity`); the paper's figures stand beside the default
-rows only, and beside rows of the defaults on fewer tasks (``--tasks N``: marked partial). Two runs of one experiment and seed are never averaged: the most complete is kept
-and a note says so. A row whose seeds ran on different device types, or with and without
+rows only, and beside rows of the defaults on fewer tasks (``--tasks N``: marked partial).
+Two runs of one experiment and seed are never averaged: the most complete is kept and a note
+says so. A row whose seeds ran on different device types, or with and without
 ``--deterministic``, says so in a note (those do not split a row: docs/reference.md §3).
 Missing runs, missing seeds and unfinished runs are listed under each table, never filled in.
 Every row says how many of the benchmark's tasks it covers ("20/20"); a row covering fewer

@@ -14,7 +14,11 @@ For every (benchmark, protocol) with runs:
   (``nws-delta``: NWS with its indices stored as deltas) as dashed measured lines.
 - ``accuracy_matrix_<b>_<p>``: R[i][j] per method (mean over seeds).
 
-Each title names the benchmark, protocol and seeds; what cannot be drawn is reported.
+A series (a line, a heatmap, a legend entry) is one experiment: runs with other settings than
+their method's defaults are their own series, labelled by what differs (``nws (beta=0.1)``;
+:mod:`analysis.identity`); Figure 4 is drawn once per NWS experiment (``fig4_<b>_<p>`` for
+NWS's defaults, ``fig4_<b>_<p>_<label>`` for the others). Each title names the benchmark,
+protocol and seeds; what cannot be drawn is reported.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ from matplotlib.lines import Line2D
 from analysis.memory import growth, memory_report, mib
 from analysis.metrics import accuracy_matrix, final_accuracies, layer_stats
 from analysis.runs import (
-    VARIANTS,
     Run,
     display_label,
+    is_default,
     load_runs,
     pool_size,
     results_parser,
@@ -108,7 +112,21 @@ def kernel_frame(runs: list[Run]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def figure4(runs: list[Run], out: Path, name: str) -> list[Path]:
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in label).strip("_")
+
+
+def figures4(runs: list[Run], out: Path, name: str) -> list[Path]:
+    """Figure 4 of each NWS experiment (one label each, never mixing settings)."""
+    files = []
+    for label in dict.fromkeys(r.method for r in _nws_runs(runs)):
+        own = select(runs, method=label)
+        files += figure4(own, out, name if label == "nws" else f"{name}_{_slug(label)}",
+                         "" if label == "nws" else f"{label}, ")
+    return files
+
+
+def figure4(runs: list[Run], out: Path, name: str, what: str = "") -> list[Path]:
     df = kernel_frame(runs)
     if df.empty:
         return []
@@ -130,7 +148,7 @@ def figure4(runs: list[Run], out: Path, name: str) -> list[Path]:
         ax.collections[0].colorbar.ax.tick_params(labelsize=5)
         ax.grid(False)
     seeds = sorted(df.seed.unique())
-    fig.suptitle(f"NWS kernels: {_describe(_nws_runs(runs))} "
+    fig.suptitle(f"NWS kernels: {what}{_describe(_nws_runs(runs))} "
                  f"(mean of {len(seeds)} seed(s))", fontsize=7)
     return _save(fig, out, name)
 
@@ -164,7 +182,7 @@ def memory_growth(runs: list[Run], benchmark: str, arch: str, out: Path, name: s
         sns.lineplot(df[df.convention == conv], x="tasks", y="MiB", hue="method", ax=ax,
                      palette=palette, linewidth=1, legend=False)
         ax.set(yscale="log", title=f"{conv} (analytic)", xlabel="tasks learned")
-    variants = measured[measured.method.isin(VARIANTS)]
+    variants = measured[~measured.method.map(is_default).astype(bool)]
     if len(variants):
         sns.lineplot(variants.groupby(["method", "tasks"], as_index=False).MiB.mean(),
                      x="tasks", y="MiB", hue="method", palette=palette, ax=axes[0],
@@ -174,11 +192,11 @@ def memory_growth(runs: list[Run], benchmark: str, arch: str, out: Path, name: s
                         ax=axes[0], marker="x", s=12, legend=False)
     shown = [m for m in methods if m in set(df.method) | set(variants.method)]
     fig.legend([Line2D([], [], color=palette[m], linewidth=1,
-                       linestyle="--" if m in VARIANTS else "-") for m in shown],
+                       linestyle="-" if is_default(m) else "--") for m in shown],
                [display_label(m, short=True) for m in shown], fontsize=5,
                loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"Memory growth, {benchmark}, {arch} (x: measured in runs; dashed: the "
-                 "suite's extensions, measured)", fontsize=7, y=1.04)
+                 "suite's extensions and other settings, measured)", fontsize=7, y=1.04)
     return _save(fig, out, name)
 
 
@@ -225,7 +243,7 @@ def build_figures(results: str | Path, out: str | Path, benchmark: str | None = 
             group, tag = select(b_runs, protocol=p), f"{b}_{p}"
             files += figure3(group, out, f"fig3_{tag}")
             files += accuracy_matrices(group, out, f"accuracy_matrix_{tag}")
-            fig4 = figure4(group, out, f"fig4_{tag}")
+            fig4 = figures4(group, out, f"fig4_{tag}")
             if not fig4:
                 messages.append(f"fig4_{tag}: no NWS run with a readable artifact store "
                                 f"({len(_nws_runs(group))} NWS run(s)): not drawn")

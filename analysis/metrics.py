@@ -19,6 +19,7 @@ Accuracy is a fraction in [0, 1] here (rows.csv stores it so); tables print perc
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+# A run's columns in rows.csv; ``method`` holds the run's label once loaded by
+# analysis.runs.load_runs, so grouping by these keys gathers one experiment's seeds
+# (analysis.identity).
 RUN_KEYS = ["benchmark", "method", "arch", "protocol"]
+
+log = logging.getLogger(__name__)
 
 
 # -- accuracy -------------------------------------------------------------------------
@@ -97,15 +103,28 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> SeedSummary:
     return SeedSummary(mean, std, float(lo), float(hi), n)
 
 
+def _one_per_seed(df: pd.DataFrame, metric: str) -> pd.Series:
+    """``metric`` by (seed, tasks); where a method has two rows of one seed (two runs of one
+    experiment and seed), the first is kept with a warning, never an average."""
+    dup = df.duplicated(["seed", "tasks"])
+    if dup.any():
+        log.warning("paired comparison: %s has %d duplicate seed row(s) (runs %s); the first "
+                    "of each seed is used", df.method.iloc[0], int(dup.sum()),
+                    ", ".join(map(str, df.run_id[dup])) if "run_id" in df else "?")
+    return df[~dup].set_index(["seed", "tasks"])[metric]
+
+
 def paired_comparison(seeds: pd.DataFrame, reference: str = "nws",
                       metric: str = "avg_accuracy") -> pd.DataFrame:
-    """``reference`` minus each other method on the seeds both have (same benchmark, arch,
-    protocol, number of tasks learned): mean difference, 95% interval, paired t-test p."""
+    """``reference`` minus each other method (label) on the seeds both have (same benchmark,
+    arch, protocol, number of tasks learned): mean difference, 95% interval, paired t-test p.
+    ``seeds`` should hold one row per (method, seed) (:func:`per_seed` of runs loaded by
+    :func:`analysis.runs.load_runs`); a duplicate seed row is left out with a warning."""
     out = []
     for keys, g in seeds.groupby(["benchmark", "arch", "protocol"]):
-        ref = g[g.method == reference].set_index(["seed", "tasks"])[metric]
+        ref = _one_per_seed(g[g.method == reference], metric)
         for method, other in g[g.method != reference].groupby("method"):
-            joined = pd.concat([ref, other.set_index(["seed", "tasks"])[metric]], axis=1,
+            joined = pd.concat([ref, _one_per_seed(other, metric)], axis=1,
                                keys=["ref", "other"]).dropna()
             diff = joined.ref - joined.other
             s = summarize(diff)

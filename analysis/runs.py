@@ -8,10 +8,14 @@ looked up by name so that a method without them still works everywhere else:
 - ``pool_size(store) -> int`` or an int attribute, or the run option ``pool_size`` (NWS).
 - ``task_codes(store, task) -> {layer: int array}`` (AQD): the 2-bit weight codes of a task.
 
-Variants: a run of a registered method with options that make it the suite's own extension
-(:data:`VARIANTS`, e.g. NWS with ``codec=delta``) is shown under the variant's name
-(``nws-delta``) in every table and figure, never pooled with the method's own runs; its
-method hooks are still the registered method's (:attr:`Run.registered_method`).
+Labels: every run is shown under the label of its experiment, its identity but for the
+seed (:mod:`analysis.identity`): the method's name when it ran with the method's defaults,
+else the name and what differs (``nws (beta=0.1)``); a run with options that make it the
+suite's own extension (:data:`VARIANTS`, e.g. NWS with ``codec=delta``) under the variant's
+name (``nws-delta``). The label replaces ``method`` in :attr:`Run.rows`, so every table and
+figure keeps different experiments apart; the method hooks are still the registered
+method's (:attr:`Run.registered_method`). Two runs of one experiment and seed: the most
+complete is kept (:func:`analysis.identity.dedupe`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.counts import class_counts
+from analysis.identity import Member, assign_labels, dedupe
 from benchmarks.methods import METHODS
 from benchmarks.store import ArtifactStore
 
@@ -52,23 +57,35 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def variant_of(method: str, options: dict[str, Any]) -> str:
-    """The name a run is shown under: a variant's, else its method's."""
-    return next((name for name, v in VARIANTS.items() if v.method == method
-                 and all(options.get(k) == x for k, x in v.options.items())), method)
+def label_base(label: str) -> str:
+    """The method or variant name a label starts with (``nws (beta=0.1)`` -> ``nws``)."""
+    return label.split(" (", 1)[0]
+
+
+def registered_of(label: str) -> str:
+    """The registered method behind a label."""
+    base = label_base(label)
+    return VARIANTS[base].method if base in VARIANTS else base
+
+
+def is_default(label: str) -> bool:
+    """A label of a method run with its defaults (the paper's columns apply to it)."""
+    return label == label_base(label) and label not in VARIANTS
 
 
 def variants_beside(methods: list[str]) -> list[str]:
-    """``methods`` with each variant moved right after its registered method."""
-    out = [m for m in methods if m not in VARIANTS]
-    for name in (m for m in methods if m in VARIANTS):
-        base = VARIANTS[name].method
-        out.insert(out.index(base) + 1 if base in out else len(out), name)
+    """``methods`` (labels) with each label moved right after the others of its registered
+    method, the method's own (default) label first."""
+    out: list[str] = []
+    for m in methods:
+        family = registered_of(m)
+        at = max((i for i, x in enumerate(out) if registered_of(x) == family), default=None)
+        out.insert(len(out) if at is None else at + 1, m)
     return out
 
 
 def display_label(method: str, short: bool = False) -> str:
-    """A method's description (``short``: its row and legend label); variants say they are the
+    """A label's description (``short``: its row and legend label); variants say they are the
     suite's extensions."""
     v = VARIANTS.get(method)
     return method if v is None else v.short if short else v.label
@@ -77,8 +94,12 @@ def display_label(method: str, short: bool = False) -> str:
 @dataclass
 class Run:
     dir: Path
-    rows: pd.DataFrame
+    rows: pd.DataFrame  # its ``method`` column holds the run's label (module doc)
     config: dict[str, Any] | None
+    registered: str = ""  # the registered method (rows.csv's own ``method``)
+    group: str = ""  # :func:`benchmarks.grouping.group_key` of its identity
+    duplicate_note: str = ""  # set when other runs of its group and seed were left out
+    comparable: bool = True  # the paper's figures apply (defaults, or a partial run of them)
 
     def _first(self, column: str) -> Any:
         return self.rows[column].iloc[0]
@@ -93,8 +114,8 @@ class Run:
 
     @property
     def registered_method(self) -> str:
-        """The method class behind the run (a variant's own method; see module doc)."""
-        return VARIANTS[self.method].method if self.method in VARIANTS else self.method
+        """The method class behind the run (see module doc)."""
+        return self.registered or registered_of(self.method)
 
     @property
     def benchmark(self) -> str:
@@ -113,8 +134,12 @@ class Run:
         return int(self._first("seed"))
 
     @property
+    def identity(self) -> dict[str, Any]:
+        return (self.config or {}).get("identity") or {}
+
+    @property
     def options(self) -> dict[str, Any]:
-        return (self.config or {}).get("identity", {}).get("options", {})
+        return self.identity.get("options", {})
 
     @property
     def planned_tasks(self) -> int:
@@ -137,7 +162,8 @@ class Run:
 
 
 def load_runs(results: str | Path) -> list[Run]:
-    """Every run folder under ``results`` (a run folder itself, or a folder of them)."""
+    """Every run folder under ``results`` (a run folder itself, or a folder of them),
+    labelled by experiment, one per (experiment, seed) (module doc)."""
     results = Path(results)
     if not results.exists():
         return []
@@ -150,10 +176,25 @@ def load_runs(results: str | Path) -> list[Run]:
             continue
         cfg_path = f.parent / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-        options = (cfg or {}).get("identity", {}).get("options", {})
-        rows["method"] = [variant_of(m, options) for m in rows["method"]]
-        runs.append(Run(f.parent, rows, cfg))
-    return runs
+        runs.append(Run(f.parent, rows, cfg, registered=str(rows["method"].iloc[0])))
+    return label_runs(runs)
+
+
+def label_runs(runs: list[Run]) -> list[Run]:
+    """Set each run's label (its rows' ``method``) and group; drop duplicates (module doc)."""
+    members = [Member(r.dir, r.registered_method, r.benchmark, r.arch, r.protocol, r.seed,
+                      r.identity, (r.config or {}).get("run_config") or {},
+                      (r.learned_tasks, len(r.rows))) for r in runs]
+    assign_labels(members)
+    kept, _ = dedupe(members)
+    by_dir = {r.dir: r for r in runs}
+    out = []
+    for m in kept:
+        run = by_dir[m.dir]
+        run.rows["method"] = m.label
+        run.group, run.duplicate_note, run.comparable = m.group, m.duplicate_note, m.comparable
+        out.append(run)
+    return out
 
 
 def select(runs: list[Run], **want: Any) -> list[Run]:

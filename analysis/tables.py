@@ -12,6 +12,13 @@ For every (benchmark, protocol) with runs:
 - ``pairs_<b>_<p>``: NWS minus each baseline over shared seeds (paired t-test).
 - ``bits_<b>_<p>``: NWS bits per index (entropy, stored, int16 + lzma) per task, one seed.
 
+Rows are experiments: runs are gathered by their settings but for the seed, and a run with
+other settings than its method's defaults is its own row, labelled by what differs
+(``nws (beta=0.1)``; :mod:`analysis.identity`); the paper's figures stand beside the default
+rows only, and beside rows of the defaults on fewer tasks (``--tasks N``: marked partial).
+Two runs of one experiment and seed are never averaged: the most complete is kept and a note
+says so. A row whose seeds ran on different device types, or with and without
+``--deterministic``, says so in a note (those do not split a row: docs/reference.md §3).
 Missing runs, missing seeds and unfinished runs are listed under each table, never filled in.
 Every row says how many of the benchmark's tasks it covers ("20/20"); a row covering fewer
 (``--tasks N``, an unfinished run) reads "1/20 partial", the paper figures beside it say the
@@ -42,11 +49,13 @@ from analysis.metrics import (
 )
 from analysis.paper import load_paper, paper_value
 from analysis.runs import (
-    VARIANTS,
     Run,
     display_label,
+    is_default,
+    label_base,
     load_runs,
     pool_size,
+    registered_of,
     results_parser,
     select,
     task_streams,
@@ -184,6 +193,20 @@ class Group:
                              f"{r.planned_tasks} tasks learned (unfinished)")
         return notes
 
+    def run_notes(self, method: str, arch: str) -> list[str]:
+        """Duplicates left out of (method, arch), and device types or ``--deterministic``
+        flags mixed within it (recorded, not splitting: module doc)."""
+        runs = self.method_runs(method, arch)
+        notes = [r.duplicate_note for r in runs if r.duplicate_note]
+        for key, what in (("device_type", "device types"), ("deterministic", "--deterministic")):
+            seen: dict[str, list[int]] = {}
+            for r in runs:
+                seen.setdefault(str(r.identity.get(key, "unknown")), []).append(r.seed)
+            if len(seen) > 1:
+                mixed = "; ".join(f"{v}: seeds {sorted(s)}" for v, s in sorted(seen.items()))
+                notes.append(f"{method}/{arch}: seeds mix {what} ({mixed})")
+        return notes
+
     def partial_note(self, method: str, arch: str, tasks: int) -> str | None:
         """The note for a row covering fewer tasks than the benchmark (``--tasks N`` or an
         unfinished run), or None for a full row. Its wording matches the row's cells."""
@@ -197,7 +220,7 @@ class Group:
         s = self.seeds[(self.seeds.method == method) & (self.seeds.arch == arch)]
         acc = summarize(100 * s.avg_accuracy)
         stored = [_final_store_bytes(r) for r in self.method_runs(method, arch)]
-        mem = self.memory(arch).get(method)
+        mem = self.memory(arch).get(self.paper_name(method))
         conv = mem.paper_convention.total() if mem and mem.paper_convention else None
         stored = [b for b in stored if b is not None]
         return {"seeds": acc.n, "tasks": int(s.tasks.min()) if len(s) else 0,
@@ -207,9 +230,18 @@ class Group:
                 "stored_mib": mib(float(np.mean(stored))) if stored else math.nan,
                 "paper_convention_mib": mib(conv) if conv is not None else math.nan}
 
+    def paper_name(self, method: str) -> str:
+        """The paper's name for a label: its method's when its runs used the method's
+        defaults (a partial run included, ``--tasks N``), else the label (no paper figure)."""
+        runs = [r for r in self.runs if r.method == method]
+        if runs and all(r.comparable for r in runs):
+            return runs[0].registered_method
+        return method
+
     def reported(self, method: str, arch: str, metric: str,
                  task: int | None = None) -> float:
-        v = paper_value(self.paper, self.benchmark, method, arch, metric, task)
+        v = paper_value(self.paper, self.benchmark, self.paper_name(method), arch, metric,
+                        task)
         return math.nan if v is None else v
 
 
@@ -219,12 +251,13 @@ def _final_store_bytes(run: Run) -> float | None:
 
 
 def _methods(group: Group, arch: str) -> list[str]:
-    """Registered methods, then any other method with runs or paper values, in order."""
+    """Registered methods, then any other label with runs or paper values, each label beside
+    its method's."""
     seen = list(METHODS.names())
     seen += [r.method for r in group.runs if r.arch == arch]
     seen += list(group.paper[(group.paper.benchmark == group.benchmark)
                              & (group.paper.arch == arch)].method)
-    return list(dict.fromkeys(seen))
+    return variants_beside(list(dict.fromkeys(seen)))
 
 
 # -- the tables -----------------------------------------------------------------------
@@ -272,14 +305,17 @@ def _partial_notes(g: Group, method: str, arch: str) -> list[str]:
 
 def table1(g: Group) -> Table:
     cells, records, notes = [], [], []
-    for method in variants_beside(_methods(g, PAPER_ARCH)):
+    for method in _methods(g, PAPER_ARCH):
         c, r = _summary_row(g, method, PAPER_ARCH, display_label(method, short=True))
         cells.append(c)
         records.append(r)
-        notes += g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
-        if method in VARIANTS and g.method_runs(method, PAPER_ARCH):  # the suite's own rows
-            notes.append(f"{display_label(method)}: stored = the runs' artifact stores; the "
-                         "paper columns do not apply")
+        notes += (g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
+                  + g.run_notes(method, PAPER_ARCH))
+        if g.paper_name(method) == method and not is_default(method) and g.method_runs(
+                method, PAPER_ARCH):  # not the paper's settings
+            notes.append(f"{display_label(method)}: not {registered_of(method)}'s default "
+                         "settings: stored = the runs' artifact stores; the paper columns do "
+                         "not apply")
     notes += _memory_notes(g, PAPER_ARCH)
     return Table(f"table1_{g.benchmark}_{g.protocol}",
                  f"Table 1 layout: average accuracy and memory, {PAPER_ARCH}, {g.describe()}",
@@ -290,12 +326,19 @@ def table3(g: Group) -> Table:
     archs = [r.arch for r in g.runs]
     archs += list(g.paper[(g.paper.benchmark == g.benchmark) & (g.paper.table == 3)].arch)
     cells, records, notes = [], [], []
-    for method in TABLE3_METHODS:
-        for arch in dict.fromkeys(archs):
-            c, r = _summary_row(g, method, arch, f"{method}-{arch}")
+    labels = variants_beside(list(dict.fromkeys(
+        [*TABLE3_METHODS, *(r.method for r in g.runs if registered_of(r.method)
+                            in TABLE3_METHODS)])))
+    for method in labels:
+        # a label other than a method's defaults has rows only where it has runs
+        ran = {r.arch for r in g.runs if r.method == method}
+        for arch in (a for a in dict.fromkeys(archs) if is_default(method) or a in ran):
+            base = label_base(method)
+            c, r = _summary_row(g, method, arch, method.replace(base, f"{base}-{arch}", 1))
             cells.append(c)
             records.append(r)
-            notes += g.missing(method, arch) + _partial_notes(g, method, arch)
+            notes += (g.missing(method, arch) + _partial_notes(g, method, arch)
+                      + g.run_notes(method, arch))
     return Table(f"table3_{g.benchmark}_{g.protocol}",
                  f"Table 3 layout: architectures, {g.describe()}", SUMMARY_HEADER, cells,
                  pd.DataFrame(records), notes)
@@ -306,8 +349,8 @@ def table2(g: Group) -> Table:
     header = ["Method", "Source", *[f"T{t + 1}" for t in tasks], "Avg", "Memory (MiB)"]
     cells, records, notes = [], [], []
     for method in _methods(g, PAPER_ARCH):
-        runs = g.method_runs(method, PAPER_ARCH)
-        finals = pd.DataFrame({r.seed: 100 * final_accuracies(r.rows) for r in runs})
+        runs = g.method_runs(method, PAPER_ARCH)  # one per seed (analysis.identity.dedupe)
+        finals = pd.DataFrame({r.run_id: 100 * final_accuracies(r.rows) for r in runs})
         s = g.summary(method, PAPER_ARCH)
         ours = [_pm(finals.loc[t].mean(), finals.loc[t].std()) if t in finals.index else "-"
                 for t in tasks]
@@ -315,7 +358,8 @@ def table2(g: Group) -> Table:
         avg = _pm(s["acc_mean"], s["acc_std"]) if runs else "-"
         if partial:
             avg += f" (partial: {s['tasks']} of {g.benchmark_tasks} tasks)"
-        cells.append([method, f"ours (seeds: {len(runs)})" if runs else "ours (missing)", *ours,
+        seeds = len({r.seed for r in runs})
+        cells.append([method, f"ours (seeds: {seeds})" if runs else "ours (missing)", *ours,
                       avg, _num(s["stored_mib"], ".2f")])
         paper = [g.reported(method, PAPER_ARCH, "accuracy", t) for t in tasks]
         paper_avg = g.reported(method, PAPER_ARCH, "avg_accuracy")
@@ -327,7 +371,8 @@ def table2(g: Group) -> Table:
             records.append({"method": method, "task": t, "seeds": int(col.notna().sum()),
                             "acc_mean": col.mean(), "acc_std": col.std(),
                             "paper_acc": paper[t]})
-        notes += g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
+        notes += (g.missing(method, PAPER_ARCH) + _partial_notes(g, method, PAPER_ARCH)
+                  + g.run_notes(method, PAPER_ARCH))
     notes.append("cells: mean ± std over seeds of each task's accuracy (%) after the last "
                  "task; memory: stored bytes (ours) and the paper's figure")
     return Table(f"table2_{g.benchmark}_{g.protocol}",
@@ -342,10 +387,13 @@ def pairs_table(g: Group) -> Table | None:
     cells = [[f"nws - {r.baseline}", r.arch, str(r.seeds), _num(100 * r.mean_diff, "+.2f"),
               "-" if math.isnan(r.ci_low) else f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]",
               _num(r.p_value, ".3g")] for r in p.itertuples()]
+    notes = [r.duplicate_note for r in g.runs if r.duplicate_note]
+    notes.append("each row and its reference: the runs of one experiment (settings equal but "
+                 "for the seed)")
     return Table(f"pairs_{g.benchmark}_{g.protocol}",
                  f"NWS minus each baseline, average accuracy, paired by seed, {g.describe()}",
                  ["Comparison", "Arch", "Seeds", "Diff (pp)", "95% CI (pp)", "p (paired t)"],
-                 cells, p)
+                 cells, p, notes)
 
 
 def bits_table(g: Group) -> Table | None:

@@ -3,7 +3,10 @@
 Files (every write is atomic):
 
 - ``rows.csv``: tidy rows, one measurement each, columns :data:`COLUMNS`; load with
-  :func:`load_rows` (one run dir or a folder of them) or ``pandas.read_csv``.
+  :func:`load_rows` (one run dir or a folder of them; ``with_config=True`` adds each run's
+  settings) or ``pandas.read_csv``. The ``schema`` column is the file's layout version
+  (:data:`SCHEMA_VERSION`); a file without it is version 1 (the same columns, written before
+  the column existed) and loads as such.
 - ``config.json``: the resolved configuration (protocol with provenance, method options).
 - ``env.json``: library versions, git commit, device, deterministic flag.
 - ``artifacts/``: the artifact store (:mod:`benchmarks.store`).
@@ -34,10 +37,19 @@ import pandas as pd
 from benchmarks.store import atomic_write_text
 
 TIMING_METRICS = ("train_seconds", "task_seconds")
+SCHEMA_VERSION = 2  # 1: no ``schema`` column; 2: the ``schema`` column added
 COLUMNS = [
     "run_id", "benchmark", "method", "arch", "protocol", "seed", "synthetic",
-    "task", "task_name", "after_task", "metric", "value",
+    "task", "task_name", "after_task", "metric", "value", "schema",
 ]
+CONFIG_PREFIX = "config."  # the columns ``load_rows(with_config=True)`` adds
+
+
+def with_schema(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``schema`` column: a file written without one is version 1."""
+    if "schema" not in df.columns:
+        df = df.assign(schema=1)
+    return df
 
 
 def read_rows(path: Path) -> pd.DataFrame:
@@ -51,9 +63,9 @@ def read_rows(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         why = str(err).strip()
     else:
-        missing = [c for c in COLUMNS if c not in df.columns]
+        missing = [c for c in COLUMNS if c not in df.columns and c != "schema"]
         if not missing:
-            return df
+            return with_schema(df)
         why = f"columns {missing} missing"
     raise ValueError(f"{path} is damaged ({why}); the stored tasks in artifacts/ are intact: "
                      f"delete {path.name} and launch again to evaluate them again (no "
@@ -73,6 +85,7 @@ class ResultsStore:
         new = pd.DataFrame(rows, columns=COLUMNS)
         old = self.rows()
         frame = new if old.empty else pd.concat([old, new], ignore_index=True)
+        frame["schema"] = SCHEMA_VERSION  # the whole file is rewritten in this layout
         buf = io.StringIO()
         frame.to_csv(buf, index=False)
         atomic_write_text(self.rows_path, buf.getvalue())
@@ -87,13 +100,34 @@ class ResultsStore:
         atomic_write_text(self.dir / name, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
     def read_json(self, name: str) -> Any | None:
-        path = self.dir / name
+        return self.read_json_at(self.dir / name)
+
+    @staticmethod
+    def read_json_at(path: Path) -> Any | None:
         return json.loads(path.read_text()) if path.exists() else None
 
 
-def load_rows(path: str | Path) -> pd.DataFrame:
-    """All rows under ``path``: one run dir, or a folder holding run dirs (recursively)."""
+def load_rows(path: str | Path, with_config: bool = False) -> pd.DataFrame:
+    """All rows under ``path``: one run dir, or a folder holding run dirs (recursively).
+
+    ``with_config``: each row also gets its run's settings from ``config.json``: the run
+    identity flattened to ``config.<key>`` columns (``config.options.beta``,
+    ``config.protocol.lr``, ``config.pretrained``, ``config.device_type``, ...; NaN where a run
+    lacks the key or has no ``config.json``) and ``config.group``, equal for the runs of one
+    experiment but for the seed (:func:`benchmarks.grouping.group_key`), to group by."""
     path = Path(path)
     files = [path / "rows.csv"] if (path / "rows.csv").exists() else sorted(path.rglob("rows.csv"))
-    frames = [pd.read_csv(f) for f in files]
+    frames = [_with_config(df, f.parent) if with_config else df
+              for f in files for df in [with_schema(pd.read_csv(f))]]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def _with_config(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    from benchmarks.grouping import flatten, group_key
+
+    cfg = ResultsStore.read_json_at(run_dir / "config.json")
+    identity = (cfg or {}).get("identity") or {}
+    columns = {f"{CONFIG_PREFIX}{k}": json.dumps(v) if isinstance(v, list) else v
+               for k, v in flatten(identity).items()}
+    columns[f"{CONFIG_PREFIX}group"] = group_key(identity) if identity else None
+    return rows.assign(**columns)

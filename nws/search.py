@@ -49,13 +49,19 @@ SEARCH_ENV = "NWS_SEARCH"
 SEARCH_PATHS = ("full", "certificates")
 
 
+def device_default_search(device_type: str) -> str:
+    """The search a device type runs when neither an argument nor ``$NWS_SEARCH`` chooses:
+    ``"certificates"`` on CPU, ``"full"`` elsewhere."""
+    return "certificates" if device_type == "cpu" else "full"
+
+
 def search_path(device: torch.device, explicit: str | None = None) -> str:
     """The search a layer on ``device`` runs: ``explicit`` when given, else ``$NWS_SEARCH``,
     else ``"certificates"`` on CPU (incremental, compiled loops) and ``"full"`` elsewhere (the
     sync-free exact search of :mod:`nws.full_search`). Raises ValueError on another name."""
     chosen = explicit or os.environ.get(SEARCH_ENV, "").strip()
     if not chosen:
-        return "certificates" if device.type == "cpu" else "full"
+        return device_default_search(device.type)
     if chosen not in SEARCH_PATHS:
         raise ValueError(f"NWS search {chosen!r} (argument or ${SEARCH_ENV}); valid: "
                          f"{', '.join(SEARCH_PATHS)}")

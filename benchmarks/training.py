@@ -53,6 +53,34 @@ def make_optimizer(params: list, protocol: Protocol, weight_decay: bool,
     raise ValueError(f"unknown optimizer {protocol.optimizer!r}; valid: sgd, adam")
 
 
+def zero_momentum_buffers(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter of an SGD optimiser with momentum a zeroed momentum buffer now.
+
+    Why: PyTorch's fused SGD (``torch/optim/sgd.py``, ``_fused_sgd``) creates the buffers of
+    its first step with ``torch.empty_like`` and lets its kernel fill them (``buf = grad``);
+    under a GradScaler whose first step is non-finite the kernel returns without writing, so
+    the next step reads uninitialised memory as momentum (weights moved by 1e16-1e30 on CPU).
+    With zeroed buffers every step is a regular one, ``buf = momentum * buf + (1 -
+    dampening) * grad``, which from ``buf = 0`` and dampening 0 is ``buf = grad``: PyTorch's
+    first step exactly. A skipped step leaves the zeros. ``ValueError`` for dampening != 0
+    (the first steps would differ); optimisers without momentum are left alone."""
+    if not isinstance(opt, torch.optim.SGD):
+        return
+    for group in opt.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:
+            raise ValueError("zeroed momentum buffers equal PyTorch's first SGD step only "
+                             f"with dampening 0 (got {group['dampening']})")
+        for p in group["params"]:
+            opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+
+def loss_scaling(device: torch.device, amp: str) -> bool:
+    """Whether a training step scales its loss (fp16 autocast, which runs on CUDA only)."""
+    return device.type == "cuda" and amp == "fp16"
+
+
 def make_scheduler(opt: torch.optim.Optimizer, protocol: Protocol):
     if protocol.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(
@@ -77,7 +105,8 @@ class Trainer:
     loss comes back as a device tensor; the caller decides when to read it), gradients are
     dropped rather than zeroed, and the optimiser updates all parameters with a few
     multi-tensor ops: ``foreach`` implementations, or ``fused`` when fp16 loss scaling is on
-    (only a fused step skips a non-finite step without reading ``found_inf`` on the host).
+    (only a fused step skips a non-finite step without reading ``found_inf`` on the host;
+    its momentum buffers are zeroed up front: :func:`zero_momentum_buffers`).
 
     ``compile=True``: the model's forward (and so its backward) runs through
     ``torch.compile`` in the mode :func:`benchmarks.device_policy.compile_mode` picks for
@@ -89,11 +118,13 @@ class Trainer:
     def __init__(self, model: nn.Module, method: Method, protocol: Protocol,
                  device: torch.device, compile: bool = False) -> None:
         self.model, self.method, self.protocol, self.device = model, method, protocol, device
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
-                                           and protocol.amp == "fp16")
+        scaling = loss_scaling(device, protocol.amp)
+        self.scaler = torch.amp.GradScaler(device.type if scaling else "cuda", enabled=scaling)
         params = list(method.parameters(model))
-        impl = {"fused": True} if self.scaler.is_enabled() else {"foreach": True}
+        impl = {"fused": True} if scaling else {"foreach": True}
         self.opt = make_optimizer(params, protocol, method.optimizer_weight_decay, **impl)
+        if scaling:  # a skipped (non-finite) first fused step must leave clean momentum
+            zero_momentum_buffers(self.opt)
         self.sched = make_scheduler(self.opt, protocol)
         self.nonfinite_streak = 0
         self.compile_mode = compile_mode(device) if compile else None

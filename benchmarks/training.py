@@ -415,8 +415,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
     first, running = _load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
     if first:
-        log.info("%s: resumed after epoch %d/%d from %s", desc or phase, first,
-                 protocol.epochs, checkpoint)
+        log.info("%s: resumed after epoch %d/%d (step %d) from %s", desc or phase, first,
+                 protocol.epochs, stats.steps, checkpoint)
     on_device = _on_device(dataset, policy)
     bar = tqdm(total=protocol.epochs * per_epoch, initial=first * per_epoch, desc=desc,
                disable=not progress, leave=False, unit="step", dynamic_ncols=True,

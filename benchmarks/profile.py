@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from benchmarks.archs import ARCHS, Pretrained
-from benchmarks.device_policy import SEARCH_ENV, SEARCH_PATHS
+from benchmarks.device_policy import SEARCH_ENV, SEARCH_PATHS, DevicePolicy
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
 from benchmarks.opcount import OpCounter
@@ -151,6 +151,7 @@ def build_trainer(method: Method, store_dir: Path, phase: str = "first",
         with store.transaction() as tx:
             method.save_task(ctx.tasks[0], model, tx)
         model = method.model_for_task(ctx.tasks[1], store)
+    DevicePolicy.for_device(ctx.device, amp=ctx.protocol.amp).apply()  # as a run does
     return Trainer(model.to(ctx.device).train(), method, ctx.protocol, ctx.device,
                    compile=compile)
 

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import math
 import os
 import random
 import time
@@ -36,6 +35,11 @@ log = logging.getLogger("benchmarks")
 
 class TrainingDivergedError(RuntimeError):
     """The loss stopped being finite; nothing of this task is stored."""
+
+
+MAX_NONFINITE_STEPS = 20
+"""Non-finite steps in a row that fp16 loss scaling may skip before a run counts as diverged
+(each skip halves the scale: 20 take 65536 below 1e-1). Counted in steps, every step."""
 
 
 def make_optimizer(params: list, protocol: Protocol, weight_decay: bool,
@@ -126,7 +130,10 @@ class Trainer:
         if scaling:  # a skipped (non-finite) first fused step must leave clean momentum
             zero_momentum_buffers(self.opt)
         self.sched = make_scheduler(self.opt, protocol)
-        self.nonfinite_streak = 0
+        # non-finite losses, counted on the device each step (read with the loss, no sync):
+        # the current run of them and the longest run so far
+        self.nonfinite_streak = torch.zeros((), device=device)
+        self.nonfinite_peak = torch.zeros((), device=device)
         self.compile_mode = compile_mode(device) if compile else None
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(model, **compile_options(device)) if compile else model)
@@ -150,22 +157,26 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.method.after_step(self.model)
-        return loss.detach()
+        loss = loss.detach()
+        self.nonfinite_streak.add_(1).masked_fill_(torch.isfinite(loss), 0)
+        torch.maximum(self.nonfinite_peak, self.nonfinite_streak, out=self.nonfinite_peak)
+        return loss
 
-    def check_finite(self, loss: float, step: int) -> None:
-        """fp16 skips a few non-finite steps via loss scaling; anything else is divergence."""
-        if math.isfinite(loss):
-            self.nonfinite_streak = 0
+    def check_finite(self, reading: LossReading) -> None:
+        """fp16 skips up to :data:`MAX_NONFINITE_STEPS` non-finite steps in a row via loss
+        scaling; more, or any without loss scaling, is divergence. ``reading.nonfinite``: the
+        longest run of non-finite steps up to ``reading.step``, counted every step."""
+        limit = MAX_NONFINITE_STEPS if self.scaler.is_enabled() else 0
+        if reading.nonfinite <= limit:
             return
-        self.nonfinite_streak += 1
-        if not self.scaler.is_enabled() or self.nonfinite_streak > 20:
-            amp = self.protocol.amp if self.device.type == "cuda" else "none"  # CUDA-only AMP
-            advice = {"fp16": "use --set amp=bf16 (or amp=none), or lower the learning rate",
-                      "bf16": "lower the learning rate, or use --set amp=none"}.get(
-                amp, "lower the learning rate (--set lr=...) and check the data for NaN/Inf "
-                     "inputs or labels out of range")
-            raise TrainingDivergedError(f"loss is {loss} at step {step} (amp={amp}, "
-                                        f"lr={self.protocol.lr}); {advice}")
+        amp = self.protocol.amp if self.device.type == "cuda" else "none"  # CUDA-only AMP
+        advice = {"fp16": "use --set amp=bf16 (or amp=none), or lower the learning rate",
+                  "bf16": "lower the learning rate, or use --set amp=none"}.get(
+            amp, "lower the learning rate (--set lr=...) and check the data for NaN/Inf "
+                 "inputs or labels out of range")
+        raise TrainingDivergedError(
+            f"loss is {reading.loss} at step {reading.step}, {reading.nonfinite} non-finite "
+            f"step(s) in a row by then (amp={amp}, lr={self.protocol.lr}); {advice}")
 
 
 @dataclass
@@ -302,7 +313,9 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
     writing leaves the previous checkpoint)."""
     state = {"epochs_done": epochs_done, "model": trainer.model.state_dict(),
              "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict(),
-             "scaler": trainer.scaler.state_dict(), "nonfinite_streak": trainer.nonfinite_streak,
+             "scaler": trainer.scaler.state_dict(),
+             "nonfinite_streak": int(trainer.nonfinite_streak),
+             "nonfinite_peak": int(trainer.nonfinite_peak),
              "stats": asdict(stats), "running": None if running is None else running.item(),
              "rng": _rng_state(trainer.device)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +375,8 @@ def _restore(state: dict[str, Any], trainer: Trainer, stats: FitStats, path: Pat
     else:  # written where the scaler was off (CPU, amp != fp16): an enabled one starts fresh
         log.warning("checkpoint %s holds no loss-scaler state; fp16 loss scaling starts afresh",
                     path)
-    trainer.nonfinite_streak = state["nonfinite_streak"]
+    trainer.nonfinite_streak.fill_(state["nonfinite_streak"])
+    trainer.nonfinite_peak.fill_(state.get("nonfinite_peak", state["nonfinite_streak"]))
     for name, value in state["stats"].items():
         setattr(stats, name, value)
     _set_rng_state(state["rng"], trainer.device)
@@ -427,7 +441,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
 
     def report(reading: LossReading | None, epoch: int) -> LossReading | None:
         if reading is not None:
-            trainer.check_finite(reading.loss, reading.step)
+            trainer.check_finite(reading)
             bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}",
                             loss=f"{reading.running:.3f}",
                             lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
@@ -442,7 +456,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
             loss = trainer.step(x, y)
             running = loss if running is None else 0.9 * running + 0.1 * loss
             stats.steps += 1
-            report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1), epoch)
+            report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1,
+                                 nonfinite=trainer.nonfinite_peak), epoch)
             bar.update(1)
         last_step = report(monitor.settle(), epoch)  # the one wait of an epoch: its last step
         trainer.sched.step()

@@ -56,21 +56,26 @@ from nws.search import SEARCH_ENV, SEARCH_PATHS, search_path
 
 SearchPath = Literal["full", "certificates"]
 CROP_RESAMPLE_ENV = "NWS_CROP_RESAMPLE"
-__all__ = ["CROP_RESAMPLE_ENV", "SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy", "backend_flags",
-           "compile_mode", "compile_options", "default_crop_resample", "default_search",
-           "resolve_device", "set_tf32"]
+DEVICE_ENV = "NWS_DEVICE"  # what --device auto means, when set
+__all__ = ["CROP_RESAMPLE_ENV", "DEVICE_ENV", "SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy",
+           "backend_flags", "compile_mode", "compile_options", "default_crop_resample",
+           "default_search", "resolve_device", "set_tf32"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; any other name as torch reads it.
-    Raises ``ValueError`` (CLI exit 2) for a name torch does not read as a device and for a
-    CUDA device that is not visible."""
+    """``"auto"``: ``$NWS_DEVICE`` when set (the test suite sets ``cpu``: its CPU tests stay
+    on the CPU where a GPU is visible), else CUDA when available, else CPU; any other name
+    as torch reads it. Raises ``ValueError`` (CLI exit 2) for a name torch does not read as
+    a device and for a CUDA device that is not visible."""
+    if name == "auto" and os.environ.get(DEVICE_ENV, "auto") != "auto":
+        name = os.environ[DEVICE_ENV]
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device; give auto, cpu, cuda or "
+        where = f" (from ${DEVICE_ENV})" if os.environ.get(DEVICE_ENV) == name else ""
+        raise ValueError(f"--device {name!r}{where} is not a device; give auto, cpu, cuda or "
                          f"cuda:N") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

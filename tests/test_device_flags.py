@@ -113,3 +113,21 @@ def test_the_limit_is_in_steps_read_with_the_loss(monkeypatch):
     plain.check_finite(LossReading(10, 1.0, 1.0, 0))
     with pytest.raises(TrainingDivergedError, match="1 non-finite step"):
         plain.check_finite(LossReading(10, 1.0, 1.0, 1))  # a non-finite step between reads
+
+
+def test_auto_stays_on_the_cpu_in_the_suite_where_a_gpu_is_visible(monkeypatch):
+    """The suite's CPU tests (conftest: ``$NWS_DEVICE=cpu``) resolve ``--device auto`` to the
+    CPU on a machine with a GPU; without the variable auto takes the GPU."""
+    from benchmarks.device_policy import DEVICE_ENV, resolve_device
+    from benchmarks.run import parser
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert parser().parse_args([]).device == "auto"  # the CLI's default
+    assert resolve_device("auto") == CPU
+    monkeypatch.delenv(DEVICE_ENV)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv(DEVICE_ENV, "gpu0")
+    with pytest.raises(ValueError, match=r"'gpu0' \(from \$NWS_DEVICE\) is not a device"):
+        resolve_device("auto")
+

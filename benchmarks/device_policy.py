@@ -26,6 +26,21 @@ Defaults (decided here, measured where said):
   capture of the forward and backward) on CUDA, the default (inductor kernels, no graphs)
   elsewhere: :func:`compile_mode`. The harness passes ``policy.compile`` to
   ``benchmarks.training.Trainer(..., compile=...)``.
+- ``cudnn_benchmark``: cuDNN's autotuner (it times the convolution algorithms of each new
+  shape and keeps the fastest): on for CUDA runs, off with ``--deterministic`` (the autotuner
+  may pick a different algorithm per process) and off the GPU. Was: switched on as a side
+  effect of seeding (``set_deterministic``), also on CPU.
+- ``tf32``: TF32 (10-bit mantissa) tensor-core products for float32 convolutions and
+  matmuls on CUDA. Off under ``amp=none``: the paper's numerics are IEEE float32 (PyTorch's
+  own default leaves TF32 on for cuDNN convolutions, so an ``amp=none`` run used to train
+  its convolutions in TF32). On under ``bf16``/``fp16`` autocast, where the products already
+  run in 16 bits and only float32 leftovers would use it. Off the GPU (no effect there). The
+  NWS search forces IEEE matmuls itself (:func:`nws.search.ieee_fp32_matmul`).
+
+``cudnn_benchmark`` and ``tf32`` follow from the device, ``--deterministic`` and the amp
+mode, which are all in the run identity, so they are not in it themselves; :meth:`apply`
+sets them (the harness calls it once per run) and ``env.json`` records the policy and the
+flags read back (:meth:`DevicePolicy.describe`).
 """
 
 from __future__ import annotations
@@ -41,20 +56,26 @@ from nws.search import SEARCH_ENV, SEARCH_PATHS, search_path
 
 SearchPath = Literal["full", "certificates"]
 CROP_RESAMPLE_ENV = "NWS_CROP_RESAMPLE"
-__all__ = ["CROP_RESAMPLE_ENV", "SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy", "compile_mode",
-           "compile_options", "default_crop_resample", "default_search", "resolve_device"]
+DEVICE_ENV = "NWS_DEVICE"  # what --device auto means, when set
+__all__ = ["CROP_RESAMPLE_ENV", "DEVICE_ENV", "SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy",
+           "backend_flags", "compile_mode", "compile_options", "default_crop_resample",
+           "default_search", "resolve_device", "set_tf32"]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; any other name as torch reads it.
-    Raises ``ValueError`` (CLI exit 2) for a name torch does not read as a device and for a
-    CUDA device that is not visible."""
+    """``"auto"``: ``$NWS_DEVICE`` when set (the test suite sets ``cpu``: its CPU tests stay
+    on the CPU where a GPU is visible), else CUDA when available, else CPU; any other name
+    as torch reads it. Raises ``ValueError`` (CLI exit 2) for a name torch does not read as
+    a device and for a CUDA device that is not visible."""
+    if name == "auto" and os.environ.get(DEVICE_ENV, "auto") != "auto":
+        name = os.environ[DEVICE_ENV]
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a device; give auto, cpu, cuda or "
+        where = f" (from ${DEVICE_ENV})" if os.environ.get(DEVICE_ENV) == name else ""
+        raise ValueError(f"--device {name!r}{where} is not a device; give auto, cpu, cuda or "
                          f"cuda:N") from err
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -92,6 +113,54 @@ def compile_options(device: torch.device) -> dict[str, Any]:
     return {"mode": compile_mode(device)}
 
 
+# The TF32 switches: (torch.backends namespace, sub-namespace with the new
+# ``fp32_precision`` API, the legacy ``allow_tf32`` attribute's object path)
+_TF32 = {"conv": ("cudnn", "conv", ("cudnn",)), "matmul": ("cuda", "matmul", ("cuda", "matmul"))}
+
+
+def _legacy_tf32(kind: str) -> object:
+    """The object holding the legacy ``allow_tf32`` flag of ``kind`` (conv | matmul)."""
+    obj: object = torch.backends
+    for name in _TF32[kind][2]:
+        obj = getattr(obj, name)
+    return obj
+
+
+def _tf32_switch(kind: str) -> tuple[object, str]:
+    """(object, attribute) of the TF32 switch of ``kind``: the new ``fp32_precision`` where
+    this torch has it (mixing it with the legacy flag raises on recent torch), else the
+    legacy ``allow_tf32``."""
+    backend, sub, _ = _TF32[kind]
+    space = getattr(getattr(torch.backends, backend), sub, None)
+    if space is not None and hasattr(space, "fp32_precision"):
+        return space, "fp32_precision"
+    return _legacy_tf32(kind), "allow_tf32"
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 on or off for CUDA float32 convolutions and matmuls (host flags only)."""
+    for kind in _TF32:
+        space, name = _tf32_switch(kind)
+        setattr(space, name, ("tf32" if enabled else "ieee") if name == "fp32_precision"
+                else enabled)
+
+
+def _tf32_on(kind: str) -> bool:
+    space, name = _tf32_switch(kind)
+    value = getattr(space, name)
+    if name == "fp32_precision" and value != "none":
+        return value == "tf32"
+    # the legacy flag, or what "none" (inherit) falls back to: torch's defaults, conv on
+    return bool(_legacy_tf32(kind).allow_tf32)
+
+
+def backend_flags() -> dict[str, bool]:
+    """The process's cuDNN and TF32 flags as set now (for ``env.json``)."""
+    return {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "tf32_conv": _tf32_on("conv"), "tf32_matmul": _tf32_on("matmul")}
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     """How one run uses ``device``; built once by the harness and passed down."""
@@ -101,19 +170,29 @@ class DevicePolicy:
     data_on_device: bool = True
     compile: bool = False
     crop_resample: str = "batched"
+    cudnn_benchmark: bool = False
+    tf32: bool = False
 
     @classmethod
     def for_device(cls, device: torch.device | str, *, search: str | None = None,
-                   data_on_device: bool | None = None, compile: bool = False
-                   ) -> DevicePolicy:
-        """The policy for ``device``; each keyword given overrides its default."""
+                   data_on_device: bool | None = None, compile: bool = False,
+                   amp: str = "none", deterministic: bool = False) -> DevicePolicy:
+        """The policy for ``device`` (a run under ``amp`` and ``--deterministic`` or not);
+        each keyword given overrides its default."""
         device = resolve_device(device) if isinstance(device, str) else device
         chosen = search or default_search(device)
         if chosen not in SEARCH_PATHS:
             raise ValueError(f"search {chosen!r}; valid: {', '.join(SEARCH_PATHS)}")
+        cuda = device.type == "cuda"
         return cls(device, chosen,  # type: ignore[arg-type]
                    True if data_on_device is None else data_on_device, compile,
-                   default_crop_resample(device))
+                   default_crop_resample(device), cudnn_benchmark=cuda and not deterministic,
+                   tf32=cuda and amp != "none")
+
+    def apply(self) -> None:
+        """Set the process's cuDNN autotuner and TF32 flags as this policy decides."""
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        set_tf32(self.tf32)
 
     @property
     def compile_mode(self) -> str | None:
@@ -128,5 +207,5 @@ class DevicePolicy:
         return self.device.type == "cuda"
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready, for ``env.json``."""
-        return asdict(self) | {"device": str(self.device)}
+        """JSON-ready, for ``env.json``: the policy and the backend flags read back now."""
+        return asdict(self) | {"device": str(self.device), "backend_flags": backend_flags()}

@@ -18,9 +18,11 @@ Checks, each reported PASS / FAIL / SKIP (exit status 1 if any fails, 2 on bad i
 3. ``search``: NWS's indices after a training step equal a float64 brute-force nearest
    entry for every row (a mismatch whose two float64 distances differ by less than 1e-6
    relative is a tie, reported but not a failure).
-4. ``resume``: the harness CLI (``python -m benchmarks.run``, PackNet, synthetic data) is
-   killed (SIGKILL) once its first epoch checkpoint exists, then rerun with the same
-   command: it must resume from the checkpoint and finish.
+4. ``resume``: the harness CLI (``python -m benchmarks.run``, PackNet, synthetic data,
+   ``--checkpoint-every 1 --deterministic``) is killed (SIGKILL) once its first epoch
+   checkpoint exists, then rerun with the same command: it must resume from the checkpoint,
+   train steps after it, and end with the accuracy, step count and final training loss of
+   the same command run uninterrupted.
 
 Then a table of steps/s per method (eager / compiled) and the projected wall time of the
 paper protocol on Split-CIFAR-100 (20 tasks x 100 epochs x 79 steps per method, plus
@@ -35,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,15 +252,38 @@ def check_search(report: Report, device: torch.device, *, arch: str, batch: int,
 # -- 4. kill and resume through the CLI ---------------------------------------------------
 
 
+RESUMED = re.compile(r"resumed after epoch (\d+)/(\d+) \(step (\d+)\)")
+COMPARED = ("accuracy", "train_steps", "final_train_loss")  # what a resume must not change
+
+
+def _resume_command(device: torch.device, folder: Path, size: int, images: int) -> list[str]:
+    """The harness CLI run of the resume check: PackNet on synthetic data, a checkpoint after
+    every epoch (so a kill lands mid-phase), deterministic kernels (so a resumed run can be
+    compared with an uninterrupted one value for value)."""
+    return [sys.executable, "-m", "benchmarks.run", "--method", "packnet", "--benchmark",
+            "synthetic", "--protocol", "quick", "--tasks", "1", "--pretrained", "none",
+            "--device", str(device), "--out", str(folder), "--no-progress",
+            "--checkpoint-every", "1", "--deterministic",
+            "--bench-opt", f"size={size}", "--bench-opt", f"n_train={images}",
+            "--bench-opt", "num_tasks=1"]
+
+
+def _rows(folder: Path) -> dict[tuple[Any, ...], float]:
+    from benchmarks.results import load_rows
+
+    rows = load_rows(folder)
+    rows = rows[rows.metric.isin(COMPARED)]
+    return {(r.metric, r.task, r.after_task): float(r.value) for r in rows.itertuples()}
+
+
 def check_resume(report: Report, device: torch.device, out: Path, *, size: int,
                  images: int, timeout: float = 600) -> None:
-    """Start the harness CLI, SIGKILL it once an epoch checkpoint exists, rerun it."""
+    """Start the harness CLI, SIGKILL it once its first epoch checkpoint exists, rerun it;
+    then run the same command uninterrupted. PASS when the rerun resumed from a checkpoint,
+    trained steps after it (> 0: the kill landed before the task's training ended), and its
+    accuracy, training steps and final training loss equal the uninterrupted run's."""
     folder = out / "resume"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--method", "packnet", "--benchmark",
-           "synthetic", "--protocol", "quick", "--tasks", "1", "--pretrained", "none",
-           "--device", str(device), "--out", str(folder), "--no-progress",
-           "--bench-opt", f"size={size}", "--bench-opt", f"n_train={images}",
-           "--bench-opt", "num_tasks=1"]
+    cmd = _resume_command(device, folder / "killed", size, images)
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [
         str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
     name = "resume after SIGKILL (harness CLI, packnet)"
@@ -265,7 +291,7 @@ def check_resume(report: Report, device: torch.device, out: Path, *, size: int,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(not f.name.endswith(".tmp") for f in folder.glob("*/checkpoints/*")):
+        if any(not f.name.endswith(".tmp") for f in folder.glob("killed/*/checkpoints/*")):
             break  # a complete checkpoint (written to .tmp, then renamed)
         time.sleep(0.02)
     if proc.poll() is not None:
@@ -276,14 +302,43 @@ def check_resume(report: Report, device: torch.device, out: Path, *, size: int,
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    resumed = "resumed after epoch" in again.stderr
     if again.returncode != 0:
         report.add(name, "FAIL", f"rerun exited {again.returncode}: {again.stderr[-800:]}")
-    elif not resumed:
-        report.add(name, "FAIL", "rerun finished but did not resume from the checkpoint")
-    else:
-        report.add(name, "PASS", "killed after an epoch checkpoint; the rerun resumed and "
-                   "finished")
+        return
+    restored = [int(m.group(3)) for m in RESUMED.finditer(again.stderr)]
+    resumed = _rows(folder / "killed")
+    if not restored or resumed.get(("train_steps", 0, 0), 0) <= max(restored):
+        report.add(name, *resume_verdict(restored, resumed, {}))
+        return
+    reference = subprocess.run(_resume_command(device, folder / "uninterrupted", size, images),
+                               env=env, capture_output=True, text=True, timeout=timeout)
+    if reference.returncode != 0:
+        report.add(name, "FAIL", f"the uninterrupted run exited {reference.returncode}: "
+                   f"{reference.stderr[-800:]}")
+        return
+    report.add(name, *resume_verdict(restored, resumed, _rows(folder / "uninterrupted")))
+
+
+def resume_verdict(restored: list[int], resumed: dict[tuple[Any, ...], float],
+                   uninterrupted: dict[tuple[Any, ...], float]) -> tuple[str, str]:
+    """PASS / FAIL and why, for a rerun that logged resuming at the steps ``restored`` (one
+    per phase resumed) and stored ``resumed``, against the uninterrupted run's rows (both
+    keyed by (metric, task, after_task); task 0's ``train_steps`` counts every step)."""
+    if not restored:
+        return "FAIL", "rerun finished but did not resume from a checkpoint"
+    total = resumed.get(("train_steps", 0, 0))
+    after = None if total is None else int(total) - max(restored)
+    if after is None or after <= 0:
+        return "FAIL", (f"the rerun resumed at step {max(restored)} but trained {after} steps "
+                        f"after it (task total {total}): it did not resume mid-training")
+    differ = {k: (resumed.get(k), uninterrupted.get(k))
+              for k in set(resumed) | set(uninterrupted) if resumed.get(k) != uninterrupted.get(k)}
+    if differ:
+        return "FAIL", (f"the resumed run differs from the uninterrupted run ((metric, task, "
+                        f"after_task): (resumed, uninterrupted)): {differ}")
+    return "PASS", (f"killed after an epoch checkpoint; the rerun resumed at step "
+                    f"{max(restored)}, trained {after} more and equals the uninterrupted run "
+                    f"({', '.join(COMPARED)})")
 
 
 # -- table and projection -----------------------------------------------------------------

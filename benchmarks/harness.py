@@ -172,7 +172,9 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     protocol = resolve_protocol(cfg.protocol, cfg.benchmark)
     if cfg.protocol_overrides:
         protocol = protocol.with_overrides(**cfg.protocol_overrides)
-    policy = DevicePolicy.for_device(device, compile=cfg.compile, search=cfg.search)
+    policy = DevicePolicy.for_device(device, compile=cfg.compile, search=cfg.search,
+                                     amp=protocol.amp, deterministic=cfg.deterministic)
+    policy.apply()  # cuDNN autotuner, TF32
     ctx = MethodContext(cfg.arch, cfg.benchmark, tasks, protocol, device, cfg.seed,
                         pretrained, options, policy)
     method = method_cls(ctx)

@@ -24,6 +24,7 @@ class LossReading:
     step: int
     loss: float
     running: float
+    nonfinite: int = 0  # the longest run of non-finite steps up to ``step`` (if offered)
 
 
 class LossMonitor:
@@ -31,23 +32,25 @@ class LossMonitor:
 
     ``offer(step, loss, running)`` each step: starts a copy when it is a report step and no
     copy is in flight, and returns the reading of an earlier copy once it has landed (else
-    None). ``loss`` and ``running`` are 0-d tensors on the training device.
+    None). ``loss``, ``running`` and ``nonfinite`` (a count kept by the trainer, read back
+    with them) are 0-d tensors on the training device.
     """
 
     def __init__(self, device: torch.device, every: int = 10) -> None:
         self.device, self.every = device, every
         pinned = device.type == "cuda"
-        self._host = torch.empty(2, dtype=torch.float32, pin_memory=pinned)
+        self._host = torch.empty(3, dtype=torch.float32, pin_memory=pinned)
         self._event = torch.cuda.Event() if pinned else None
         self._pending: int | None = None  # the step whose values are being copied
 
     def offer(self, step: int, loss: torch.Tensor, running: torch.Tensor,
-              report: bool = False) -> LossReading | None:
+              report: bool = False, nonfinite: torch.Tensor | None = None
+              ) -> LossReading | None:
         """``report`` forces a copy at this step (an epoch's last step), waiting for one still
         in flight first."""
         reading = self.settle() if report else self._landed()
         if report or (self._pending is None and step % self.every == 0):
-            self._start(step, loss, running)
+            self._start(step, loss, running, nonfinite)
         return reading
 
     def settle(self) -> LossReading | None:
@@ -58,8 +61,10 @@ class LossMonitor:
             self._event.synchronize()
         return self._take()
 
-    def _start(self, step: int, loss: torch.Tensor, running: torch.Tensor) -> None:
-        values = torch.stack([loss.detach().float(), running.detach().float()])
+    def _start(self, step: int, loss: torch.Tensor, running: torch.Tensor,
+               nonfinite: torch.Tensor | None) -> None:
+        count = torch.zeros_like(loss, dtype=torch.float32) if nonfinite is None else nonfinite
+        values = torch.stack([loss.detach().float(), running.detach().float(), count.float()])
         self._host.copy_(values, non_blocking=self._event is not None)
         if self._event is not None:
             # on the stream the copy went to: that of the values' device, which need not be
@@ -74,6 +79,6 @@ class LossMonitor:
         return self._take()
 
     def _take(self) -> LossReading:
-        loss, running = self._host.numpy().tolist()  # a host buffer: no device read
+        loss, running, count = self._host.numpy().tolist()  # a host buffer: no device read
         step, self._pending = self._pending, None
-        return LossReading(step, loss, running)
+        return LossReading(step, loss, running, int(count))

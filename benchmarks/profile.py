@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile --method all
     python -m benchmarks.profile --method nws,packnet --arch resnet18 --batch 32 --size 32
+    python -m benchmarks.profile --compile-counts       # torch.compile: graphs, breaks
 
 On a GPU every aten op is a kernel launch (~5-10 us of host time) and a sync-prone op stalls
 the host until the device has caught up (:mod:`benchmarks.opcount`), so these counts, taken
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks.archs import ARCHS, Pretrained
-from benchmarks.device_policy import SEARCH_ENV, SEARCH_PATHS
+from benchmarks.device_policy import SEARCH_ENV, SEARCH_PATHS, DevicePolicy
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
 from benchmarks.opcount import OpCounter
@@ -151,6 +152,7 @@ def build_trainer(method: Method, store_dir: Path, phase: str = "first",
         with store.transaction() as tx:
             method.save_task(ctx.tasks[0], model, tx)
         model = method.model_for_task(ctx.tasks[1], store)
+    DevicePolicy.for_device(ctx.device, amp=ctx.protocol.amp).apply()  # as a run does
     return Trainer(model.to(ctx.device).train(), method, ctx.protocol, ctx.device,
                    compile=compile)
 
@@ -185,6 +187,72 @@ def profile_method(name: str, *, arch: str = "resnet18", batch: int = 32, size: 
         trainer = build_trainer(method, Path(tmp), phase)
         ops = count_step(trainer, *synthetic_batch(batch, size, device), warmup=warmup)
     return StepProfile(name, ops.total, ops.syncs, ops.sync_ops, compute_ops(ops.counts))
+
+
+@dataclass
+class CompileCounts:
+    """What ``torch.compile`` (dynamo) made of one method's training steps: graphs captured,
+    graph breaks, compiles after the first (recompiles), and each break's reason."""
+
+    method: str
+    graphs: int
+    breaks: int
+    recompiles: int
+    shapes: int  # batch shapes stepped (each may add one compile)
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def whole(self) -> bool:
+        """Each step captured whole: no break, at most one graph and compile per shape."""
+        return self.breaks == 0 and self.graphs <= self.shapes and \
+            self.recompiles <= self.shapes - 1
+
+
+def count_compile(name: str, *, arch: str = "resnet18", batch: int = 32, size: int = 32,
+                  search: str = "full", steps: int = 3,
+                  options: dict[str, Any] | None = None) -> CompileCounts:
+    """Dynamo's counts over ``steps`` training steps of ``name``, one step of a short last
+    batch (``batch - 1``: a second shape) and one more full step, on the CUDA code path.
+
+    The model's forward is compiled with the ``eager`` backend: graphs, breaks and
+    recompiles are decided by dynamo before any backend runs (the same for inductor on CPU
+    and CUDA graphs on a GPU), and nothing is code-generated, so counting is quick. On a GPU
+    each break ends a CUDA graph and each recompile records another."""
+    from torch._dynamo.utils import counters, guard_failures
+
+    torch._dynamo.reset()
+    counters.clear()
+    guard_failures.clear()
+    torch.manual_seed(0)
+    with cuda_code_path(search), tempfile.TemporaryDirectory() as tmp:
+        method = build_method(name, arch, options=options)
+        trainer = build_trainer(method, Path(tmp))
+        trainer.forward = torch.compile(trainer.model, backend="eager")
+        x, y = synthetic_batch(batch, size, method.ctx.device)
+        for _ in range(steps):
+            trainer.step(x, y)
+        trainer.step(x[:-1], y[:-1])
+        trainer.step(x, y)
+    reasons: dict[str, int] = {}
+    for reason, n in counters["graph_break"].items():
+        key = str(reason).strip().splitlines()[0][:120]
+        reasons[key] = reasons.get(key, 0) + n
+    recompiles = sum(len(failed) for failed in guard_failures.values())  # a failed guard:
+    counts = CompileCounts(name, counters["stats"]["unique_graphs"],  # a frame compiled again
+                           sum(reasons.values()), recompiles, 2, reasons)
+    torch._dynamo.reset()
+    return counts
+
+
+def format_compile_table(rows: Sequence[CompileCounts]) -> str:
+    lines = [f"{'method':<10} {'graphs':>6} {'breaks':>6} {'recompiles':>10}  whole  "
+             f"most frequent break"]
+    for r in rows:
+        top = max(r.reasons.items(), key=lambda kv: kv[1], default=("-", 0))
+        lines.append(f"{r.method:<10} {r.graphs:>6} {r.breaks:>6} {r.recompiles:>10}  "
+                     f"{'yes' if r.whole else 'no':<5}  "
+                     + (f"{top[1]}x {top[0]}" if top[1] else "-"))
+    return "\n".join(lines)
 
 
 def profile(methods: Sequence[str], **kwargs) -> list[StepProfile]:
@@ -243,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--phase", choices=PHASES, default="first",
                         help="task 0, or task 1 after a stored task 0 (NWS: W on pool entries)")
     parser.add_argument("--warmup", type=int, default=3, help="uncounted steps before")
+    parser.add_argument("--compile-counts", action="store_true",
+                        help="instead: torch.compile's graphs, graph breaks and recompiles "
+                             "per method over --warmup steps, a short batch and one more "
+                             "step (dynamo's decisions; eager backend, nothing compiled)")
     args = parser.parse_args(argv)
     try:
         methods = parse_methods(args.method)
@@ -251,6 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: {err.args[0] if err.args else err}\n")
     require_at_least(parser, args, STEP_FLOORS)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    if args.compile_counts:
+        print(f"# {args.arch}, batch {args.batch} (then {args.batch - 1}), {args.size}x"
+              f"{args.size}, NWS search {args.search}; torch.compile of the model's forward")
+        print(format_compile_table([
+            count_compile(m, arch=args.arch, batch=args.batch, size=args.size,
+                          search=args.search, steps=args.warmup) for m in methods]))
+        return 0
     rows = profile(methods, arch=args.arch, batch=args.batch, size=args.size,
                    search=args.search, phase=args.phase, warmup=args.warmup)
     print(f"# {args.arch}, batch {args.batch}, {args.size}x{args.size}, phase {args.phase}, "

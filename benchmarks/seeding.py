@@ -38,9 +38,10 @@ def seed_global(seed: int, *coords: int | str) -> None:
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (bit-exact reruns on CPU; slower on GPU)."""
+    """Deterministic kernels (bit-exact reruns on CPU; slower on GPU). cuDNN's autotuner
+    is the device policy's decision (:meth:`benchmarks.device_policy.DevicePolicy.apply`),
+    not this function's."""
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(enabled, warn_only=False)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled

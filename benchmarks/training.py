@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import random
 import time
@@ -30,12 +29,18 @@ from benchmarks.method import Method
 from benchmarks.protocols import Protocol
 from benchmarks.seeding import derive_seed, generator, seed_global
 from benchmarks.store import checksum as _digest
+from nws.optim import zero_momentum_buffers
 
 log = logging.getLogger("benchmarks")
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss stopped being finite; nothing of this task is stored."""
+
+
+MAX_NONFINITE_STEPS = 20
+"""Non-finite steps in a row that fp16 loss scaling may skip before a run counts as diverged
+(each skip halves the scale: 20 take 65536 below 1e-1). Counted in steps, every step."""
 
 
 def make_optimizer(params: list, protocol: Protocol, weight_decay: bool,
@@ -51,6 +56,11 @@ def make_optimizer(params: list, protocol: Protocol, weight_decay: bool,
         return torch.optim.Adam(params, lr=protocol.lr, betas=(protocol.momentum, 0.999),
                                 weight_decay=wd, **impl)
     raise ValueError(f"unknown optimizer {protocol.optimizer!r}; valid: sgd, adam")
+
+
+def loss_scaling(device: torch.device, amp: str) -> bool:
+    """Whether a training step scales its loss (fp16 autocast, which runs on CUDA only)."""
+    return device.type == "cuda" and amp == "fp16"
 
 
 def make_scheduler(opt: torch.optim.Optimizer, protocol: Protocol):
@@ -77,7 +87,8 @@ class Trainer:
     loss comes back as a device tensor; the caller decides when to read it), gradients are
     dropped rather than zeroed, and the optimiser updates all parameters with a few
     multi-tensor ops: ``foreach`` implementations, or ``fused`` when fp16 loss scaling is on
-    (only a fused step skips a non-finite step without reading ``found_inf`` on the host).
+    (only a fused step skips a non-finite step without reading ``found_inf`` on the host;
+    its momentum buffers are zeroed up front: :func:`zero_momentum_buffers`).
 
     ``compile=True``: the model's forward (and so its backward) runs through
     ``torch.compile`` in the mode :func:`benchmarks.device_policy.compile_mode` picks for
@@ -89,13 +100,18 @@ class Trainer:
     def __init__(self, model: nn.Module, method: Method, protocol: Protocol,
                  device: torch.device, compile: bool = False) -> None:
         self.model, self.method, self.protocol, self.device = model, method, protocol, device
-        self.scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda"
-                                           and protocol.amp == "fp16")
+        scaling = loss_scaling(device, protocol.amp)
+        self.scaler = torch.amp.GradScaler(device.type if scaling else "cuda", enabled=scaling)
         params = list(method.parameters(model))
-        impl = {"fused": True} if self.scaler.is_enabled() else {"foreach": True}
+        impl = {"fused": True} if scaling else {"foreach": True}
         self.opt = make_optimizer(params, protocol, method.optimizer_weight_decay, **impl)
+        if scaling:  # a skipped (non-finite) first fused step must leave clean momentum
+            zero_momentum_buffers(self.opt)
         self.sched = make_scheduler(self.opt, protocol)
-        self.nonfinite_streak = 0
+        # non-finite losses, counted on the device each step (read with the loss, no sync):
+        # the current run of them and the longest run so far
+        self.nonfinite_streak = torch.zeros((), device=device)
+        self.nonfinite_peak = torch.zeros((), device=device)
         self.compile_mode = compile_mode(device) if compile else None
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(model, **compile_options(device)) if compile else model)
@@ -119,22 +135,26 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         self.method.after_step(self.model)
-        return loss.detach()
+        loss = loss.detach()
+        self.nonfinite_streak.add_(1).masked_fill_(torch.isfinite(loss), 0)
+        torch.maximum(self.nonfinite_peak, self.nonfinite_streak, out=self.nonfinite_peak)
+        return loss
 
-    def check_finite(self, loss: float, step: int) -> None:
-        """fp16 skips a few non-finite steps via loss scaling; anything else is divergence."""
-        if math.isfinite(loss):
-            self.nonfinite_streak = 0
+    def check_finite(self, reading: LossReading) -> None:
+        """fp16 skips up to :data:`MAX_NONFINITE_STEPS` non-finite steps in a row via loss
+        scaling; more, or any without loss scaling, is divergence. ``reading.nonfinite``: the
+        longest run of non-finite steps up to ``reading.step``, counted every step."""
+        limit = MAX_NONFINITE_STEPS if self.scaler.is_enabled() else 0
+        if reading.nonfinite <= limit:
             return
-        self.nonfinite_streak += 1
-        if not self.scaler.is_enabled() or self.nonfinite_streak > 20:
-            amp = self.protocol.amp if self.device.type == "cuda" else "none"  # CUDA-only AMP
-            advice = {"fp16": "use --set amp=bf16 (or amp=none), or lower the learning rate",
-                      "bf16": "lower the learning rate, or use --set amp=none"}.get(
-                amp, "lower the learning rate (--set lr=...) and check the data for NaN/Inf "
-                     "inputs or labels out of range")
-            raise TrainingDivergedError(f"loss is {loss} at step {step} (amp={amp}, "
-                                        f"lr={self.protocol.lr}); {advice}")
+        amp = self.protocol.amp if self.device.type == "cuda" else "none"  # CUDA-only AMP
+        advice = {"fp16": "use --set amp=bf16 (or amp=none), or lower the learning rate",
+                  "bf16": "lower the learning rate, or use --set amp=none"}.get(
+            amp, "lower the learning rate (--set lr=...) and check the data for NaN/Inf "
+                 "inputs or labels out of range")
+        raise TrainingDivergedError(
+            f"loss is {reading.loss} at step {reading.step}, {reading.nonfinite} non-finite "
+            f"step(s) in a row by then (amp={amp}, lr={self.protocol.lr}); {advice}")
 
 
 @dataclass
@@ -271,7 +291,9 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
     writing leaves the previous checkpoint)."""
     state = {"epochs_done": epochs_done, "model": trainer.model.state_dict(),
              "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict(),
-             "scaler": trainer.scaler.state_dict(), "nonfinite_streak": trainer.nonfinite_streak,
+             "scaler": trainer.scaler.state_dict(),
+             "nonfinite_streak": int(trainer.nonfinite_streak),
+             "nonfinite_peak": int(trainer.nonfinite_peak),
              "stats": asdict(stats), "running": None if running is None else running.item(),
              "rng": _rng_state(trainer.device)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +349,8 @@ def _restore(state: dict[str, Any], trainer: Trainer, stats: FitStats, path: Pat
     else:  # written where the scaler was off (CPU, amp != fp16): an enabled one starts fresh
         log.warning("checkpoint %s holds no loss-scaler state; fp16 loss scaling starts afresh",
                     path)
-    trainer.nonfinite_streak = state["nonfinite_streak"]
+    trainer.nonfinite_streak.fill_(state["nonfinite_streak"])
+    trainer.nonfinite_peak.fill_(state.get("nonfinite_peak", state["nonfinite_streak"]))
     for name, value in state["stats"].items():
         setattr(stats, name, value)
     _set_rng_state(state["rng"], trainer.device)
@@ -380,8 +403,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
     first, running = _load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
     if first:
-        log.info("%s: resumed after epoch %d/%d from %s", desc or phase, first,
-                 protocol.epochs, checkpoint)
+        log.info("%s: resumed after epoch %d/%d (step %d) from %s", desc or phase, first,
+                 protocol.epochs, stats.steps, checkpoint)
     on_device = _on_device(dataset, policy)
     bar = tqdm(total=protocol.epochs * per_epoch, initial=first * per_epoch, desc=desc,
                disable=not progress, leave=False, unit="step", dynamic_ncols=True,
@@ -392,7 +415,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
 
     def report(reading: LossReading | None, epoch: int) -> LossReading | None:
         if reading is not None:
-            trainer.check_finite(reading.loss, reading.step)
+            trainer.check_finite(reading)
             bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}",
                             loss=f"{reading.running:.3f}",
                             lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
@@ -407,7 +430,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
             loss = trainer.step(x, y)
             running = loss if running is None else 0.9 * running + 0.1 * loss
             stats.steps += 1
-            report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1), epoch)
+            report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1,
+                                 nonfinite=trainer.nonfinite_peak), epoch)
             bar.update(1)
         last_step = report(monitor.settle(), epoch)  # the one wait of an epoch: its last step
         trainer.sched.step()

@@ -31,17 +31,27 @@ def enable_ema(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def ema_update_layer(layer: NWSLayer, decay: float = DECAY, eps: float = EPS) -> None:
+def ema_update_layer(layer: NWSLayer, decay: float = DECAY, eps: float = EPS,
+                     apply: torch.Tensor | None = None) -> None:
+    """``apply``: a 0-d bool tensor; where False the layer's EMA state and pool are left as
+    they are (a skipped step), decided on the device without a host sync."""
     index = layer.last_index()  # the assignments of this step's forward
     rows = layer.rows().detach().float()
     # index_add_, not bincount: bincount's output size depends on the data (a host sync)
     counts = rows.new_zeros(layer.pool_size).index_add_(0, index, rows.new_ones(len(index)))
     sums = torch.zeros_like(layer.ema_sum).index_add_(0, index, rows)
-    layer.ema_size.mul_(decay).add_(counts, alpha=1 - decay)
-    layer.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
-    total = layer.ema_size.sum()
-    smoothed = (layer.ema_size + eps) / (total + layer.pool_size * eps) * total
-    layer.pool.copy_(layer.ema_sum / smoothed[:, None])
+    size = layer.ema_size.mul(decay).add_(counts, alpha=1 - decay)
+    total_sum = layer.ema_sum.mul(decay).add_(sums, alpha=1 - decay)
+    total = size.sum()
+    smoothed = (size + eps) / (total + layer.pool_size * eps) * total
+    pool = total_sum / smoothed[:, None]
+    if apply is not None:
+        size, total_sum = (torch.where(apply, size, layer.ema_size),
+                           torch.where(apply, total_sum, layer.ema_sum))
+        pool = torch.where(apply, pool, layer.pool)
+    layer.ema_size.copy_(size)
+    layer.ema_sum.copy_(total_sum)
+    layer.pool.copy_(pool)
 
 
 def ema_update(model: nn.Module, decay: float = DECAY, eps: float = EPS) -> None:

@@ -54,6 +54,11 @@ def _later_copies(pool: torch.Tensor) -> torch.Tensor:
     return (same & torch.ones_like(same).tril(-1)).any(1)
 
 
+def _squares(pool: torch.Tensor) -> torch.Tensor:
+    """(n,) ||p||^2 of each entry, inf for later copies (they never win a search)."""
+    return pool.pow(2).sum(1).masked_fill(_later_copies(pool), float("inf"))
+
+
 class VectorPoolsSearch:
     """Exact nearest entries for the rows of several layers, each with its own (n_l, D) pool
     (one entry length D, one device). Build once per set of pools; :meth:`search` per step."""
@@ -69,9 +74,21 @@ class VectorPoolsSearch:
         for p in pools[:-1]:
             self.offsets.append(self.offsets[-1] + p.shape[0])
         self.weights = [(p * -2.0).t().contiguous() for p in pools]  # (D, n): -2 p^T
-        self.sq = [p.pow(2).sum(1).masked_fill(_later_copies(p), float("inf")) for p in pools]
+        self.sq = [_squares(p) for p in pools]
         self.table = torch.cat(pools)  # all layers' entries, layer l from offsets[l]
         self.table_exact = self.table.to(refine_dtype(self.device))
+
+    @torch.no_grad()
+    def refresh(self, pools: list[torch.Tensor]) -> None:
+        """The tables recomputed in place from ``pools`` of the shapes built with (their
+        values written since, e.g. by the EMA rule of pretraining every step): the values a
+        new searcher would hold, in the same storage, no host sync."""
+        pools = [p.detach().float() for p in pools]
+        for weight, sq, p in zip(self.weights, self.sq, pools, strict=True):
+            weight.copy_(p.t()).mul_(-2.0)
+            sq.copy_(_squares(p))
+        torch.cat(pools, out=self.table)
+        self.table_exact.copy_(self.table)
 
     def _candidates(self, rows: torch.Tensor, layer: int) -> torch.Tensor:
         """(R, k + 1) int64 per row: the first column holding the smallest expanded float32
@@ -109,22 +126,25 @@ class VectorPoolsSearch:
 
 class ScalarPoolSearch:
     """Exact nearest entry of a scalar pool (n, 1) for every value: ``searchsorted`` among
-    per-cell float32 thresholds (sync-free, static shapes)."""
+    per-cell float32 thresholds (sync-free, static shapes: also the construction, so a pool
+    written every step, as pretraining's EMA does, is searched without a host sync)."""
 
     def __init__(self, pool: torch.Tensor) -> None:
         if pool.ndim != 2 or pool.shape[1] != 1:
             raise ValueError(f"a scalar pool is (n, 1), got {tuple(pool.shape)}")
-        values, order = torch.sort(pool.detach().float()[:, 0], stable=True)
-        first = torch.ones_like(values, dtype=torch.bool)
-        first[1:] = values[1:] != values[:-1]
-        self.values = values[first].contiguous()  # distinct, ascending
-        self.canon = order[first].contiguous()  # lowest pool index holding each
-        self.thresholds = _cell_starts(self.values, self.canon)
+        self.values, self.canon, self.thresholds = _scalar_tables(pool)
+
+    @torch.no_grad()
+    def refresh(self, pool: torch.Tensor) -> None:
+        """The tables recomputed in place from ``pool`` (same shape, values written since)."""
+        for mine, new in zip((self.values, self.canon, self.thresholds), _scalar_tables(pool),
+                             strict=True):
+            mine.copy_(new)
 
     @torch.no_grad()
     def search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rows`` (R, 1) or (R,). Returns the selected values (R, 1) and each row's rank
-        among the distinct values (:meth:`index` turns ranks into pool indices)."""
+        among the sorted values (:meth:`index` turns ranks into pool indices)."""
         rank = torch.searchsorted(self.thresholds, rows.reshape(-1).float(), right=True)
         return self.values.index_select(0, rank)[:, None], rank
 
@@ -133,10 +153,26 @@ class ScalarPoolSearch:
         return self.canon.index_select(0, rank)
 
 
+def _scalar_tables(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, canon, thresholds) of a scalar pool: its n values ascending (copies kept:
+    static shapes, no ``values[mask]``), the lowest pool index holding each (the first of its
+    run of equal values, which a stable sort puts first), and :func:`_cell_starts`. Within a
+    run of equal values the thresholds lie just above the value, so a rank lands on the run
+    (same value, same index) whichever of its members it meets."""
+    values, order = torch.sort(pool.detach().float()[:, 0], stable=True)
+    first = torch.ones_like(values, dtype=torch.bool)
+    first[1:] = values[1:] != values[:-1]
+    position = torch.arange(len(values), device=values.device)
+    run_start = torch.where(first, position, 0).cummax(0).values
+    canon = order.index_select(0, run_start)
+    return values, canon, _cell_starts(values, canon)
+
+
 def _cell_starts(values: torch.Tensor, canon: torch.Tensor) -> torch.Tensor:
-    """(u - 1,) float32, ascending: the smallest float32 nearer to ``values[r + 1]`` than to
-    ``values[r]``, or exactly between them when ``values[r + 1]`` has the lower pool index.
-    A value's rank is then the number of thresholds at or below it."""
+    """(n - 1,) float32, ascending: the smallest float32 nearer to ``values[r + 1]`` than to
+    ``values[r]``, or exactly between them when ``values[r + 1]`` has the lower pool index
+    (equal neighbours: the float32 just above them). A value's rank is then the number of
+    thresholds at or below it."""
     if values.numel() < 2:
         return values.new_empty(0)
     lo, hi = values[:-1].double(), values[1:].double()

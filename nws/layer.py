@@ -61,6 +61,14 @@ def similarity_sum(layers: Sequence[NWSLayer], beta: float) -> torch.Tensor:
     return _SimilaritySum.apply(ks, scales, *(layer.weight for layer in layers))
 
 
+def _rewritten(before: tuple, now: tuple) -> bool:
+    """Whether the pools keyed ``now`` are those keyed ``before`` (same layers, storage,
+    device and shape), only written since (a newer version): their searcher's tables are
+    then refreshed in place, not built anew."""
+    return len(before) == len(now) and all(
+        a[0] == b[0] and a[1][1:] == b[1][1:] for a, b in zip(before, now, strict=True))
+
+
 class SearchGroup:
     """NWS layers whose full searches run together: one forward's first layer searches them
     all, one batched :class:`~nws.full_search.VectorPoolsSearch` per entry length and device
@@ -108,6 +116,10 @@ class SearchGroup:
                          rebuild: bool) -> VectorPoolsSearch:
         pools = tuple((id(layer), layer._pool_key()) for layer in batch)
         cached = self._vector.get(key)
+        if not rebuild and cached is not None and cached[0] != pools and _rewritten(
+                cached[0], pools):  # the same pools written in place (pretraining's EMA)
+            cached[1].refresh([layer.pool for layer in batch])
+            cached = self._vector[key] = (pools, cached[1])
         if rebuild or cached is None or cached[0] != pools:
             cached = (pools, VectorPoolsSearch([layer.pool for layer in batch]))
             self._vector[key] = cached
@@ -115,8 +127,13 @@ class SearchGroup:
 
     def _search_scalar(self, layer: NWSLayer, rebuild: bool) -> None:
         cached = self._scalar.get(id(layer))
-        if rebuild or cached is None or cached[0] != layer._pool_key():
-            cached = (layer._pool_key(), ScalarPoolSearch(layer.pool))
+        pool = ((id(layer), layer._pool_key()),)
+        if not rebuild and cached is not None and cached[0] != pool and _rewritten(
+                cached[0], pool):
+            cached[1].refresh(layer.pool)
+            cached = self._scalar[id(layer)] = (pool, cached[1])
+        if rebuild or cached is None or cached[0] != pool:
+            cached = (pool, ScalarPoolSearch(layer.pool))
             self._scalar[id(layer)] = cached
         values, rank = cached[1].search(layer.weight)
         layer._take_full(values.view_as(layer.weight), (rank, cached[1]))

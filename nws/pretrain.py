@@ -16,9 +16,10 @@ SyncBatchNorm under DDP on GPUs (``--no-sync-bn`` opts out; CPU runs keep per-pr
 
 Resumable: ``<out>/checkpoint.pt`` is replaced atomically after every epoch and a rerun of the
 same command continues from it. AMP: bf16 by default on CUDA (the authors saw NaN with fp16);
-fp16 runs with loss scaling; a non-finite loss skips the step (no pool update) and more than
-``max_bad_steps`` in a row stop the run. The result, ``<out>/pools.pt``, feeds the suite
-(``--opt pools=<out>/pools.pt``).
+fp16 runs with loss scaling; a non-finite loss skips the step on the device (no weight or pool
+update; it still counts as a step) and more than ``max_bad_steps`` in a row stop the run (the
+count is read every ``CHECK_EVERY`` steps and after each epoch: no host sync inside a step).
+The result, ``<out>/pools.pt``, feeds the suite (``--opt pools=<out>/pools.pt``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from nws.convert import distillation_loss, nws_layers, nwsify, similarity_loss
-from nws.ema import DECAY, EPS, ema_update, enable_ema
+from nws.convert import nws_layers, nwsify
+from nws.ema import DECAY, EPS, ema_update_layer, enable_ema
+from nws.layer import similarity_sum
+from nws.optim import zero_momentum_buffers
 from nws.pools_io import pools_file_from_model, save_pools
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -134,6 +137,79 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.SGD:
+    """SGD over the trainable parameters (and the pools under the gradient rule); fused, so
+    that a step whose loss is not finite is skipped on the device (``found_inf``), with its
+    momentum buffers zeroed up front (a skipped first step would leave them unwritten:
+    :func:`nws.optim.zero_momentum_buffers`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    pools = [layer.pool for layer in nws_layers(model).values()]
+    groups = [{"params": params}] + ([{"params": pools}] if cfg.rule == "gradient" else [])
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov and cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay, fused=True)
+    zero_momentum_buffers(opt)
+    return opt
+
+
+CHECK_EVERY = 50
+"""Steps between reads of the non-finite count (one host sync each; none inside a step)."""
+
+
+class PretrainStep:
+    """One pretraining step without a host sync: forward, CE + beta x similarity (+ beta x
+    distillation under the gradient rule), backward, the EMA pool update and the optimiser
+    step, where a non-finite loss skips the update on the device (the fused SGD's
+    ``found_inf``; the EMA keeps its state) and is counted there (:meth:`check` reads the
+    count). The NWS layers are listed once, and their searchers' pool tables are refreshed
+    in place when the EMA writes the pools (:class:`nws.layer.SearchGroup`)."""
+
+    def __init__(self, net: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, cfg: PretrainConfig, device: torch.device
+                 ) -> None:
+        self.net, self.opt, self.scaler, self.cfg, self.device = net, opt, scaler, cfg, device
+        self.layers = list(nws_layers(model).values())
+        self.pools = [layer.pool for layer in self.layers]
+        self.bad = torch.zeros((), device=device)  # non-finite losses in a row now
+        self.worst = torch.zeros((), device=device)  # the longest such run so far
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with _autocast(self.device, cfg.amp):
+            loss = F.cross_entropy(self.net(x), y)
+        loss = loss + cfg.beta * similarity_sum(self.layers, 1.0)
+        if cfg.rule == "gradient":
+            loss = loss + cfg.beta * torch.stack([m.distillation() for m in self.layers]).sum()
+        finite = torch.isfinite(loss.detach())
+        self.bad.add_(1).masked_fill_(finite, 0)
+        torch.maximum(self.worst, self.bad, out=self.worst)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.rule == "gradient" and _is_dist():
+            for p in self.pools:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+        if cfg.rule == "ema":
+            for layer in self.layers:  # assignments of this step's forward
+                ema_update_layer(layer, cfg.decay, cfg.eps, apply=finite)
+        if self.scaler.is_enabled():  # skips on non-finite gradients itself
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.found_inf = (~finite).float()  # type: ignore[attr-defined]
+            self.opt.step()
+        return loss.detach()
+
+    def check(self, step: int) -> None:
+        """``FloatingPointError`` when more than ``max_bad_steps`` steps in a row had a
+        non-finite loss (a host read of the device count)."""
+        worst = int(self.worst)
+        if worst > self.cfg.max_bad_steps:
+            raise FloatingPointError(f"loss non-finite for {worst} steps in a row by step "
+                                     f"{step}; use --amp bf16 or none, or lower --lr")
+
+
 def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Path,
              device: torch.device | None = None) -> Path:
     """Train ``model`` (from :func:`init_nws_model`) on ``data``; returns the pools file."""
@@ -143,12 +219,7 @@ def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Pa
     rank = dist.get_rank() if _is_dist() else 0
     model = with_sync_bn(model, cfg, dist.get_world_size() if _is_dist() else 1, device)
     model.to(device)
-    pools = [layer.pool for layer in nws_layers(model).values()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": params}] + ([{"params": pools}] if cfg.rule == "gradient" else [])
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov and cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), 0.1)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
     start_epoch, step = 0, 0
@@ -168,7 +239,7 @@ def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Pa
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # pools agree by construction (module docstring)
-    bad = 0
+    train_step = PretrainStep(net, model, opt, scaler, cfg, device)
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation stream of this epoch
         if _is_dist():
@@ -181,32 +252,13 @@ def pretrain(model: nn.Module, data: Dataset, cfg: PretrainConfig, out: str | Pa
                             pin_memory=device.type == "cuda")
         model.train()
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, cfg.amp):
-                loss = F.cross_entropy(net(x), y)
-            loss = loss + cfg.beta * similarity_loss(model)
-            if cfg.rule == "gradient":
-                loss = loss + cfg.beta * distillation_loss(model)
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                bad += 1
-                if bad > cfg.max_bad_steps:
-                    raise FloatingPointError(f"loss non-finite for {bad} steps at step {step}; "
-                                             "use --amp bf16 or none, or lower --lr")
-                continue
-            bad = 0
-            scaler.scale(loss).backward()
-            if cfg.rule == "gradient" and _is_dist():
-                for p in pools:
-                    dist.all_reduce(p.grad)
-                    p.grad /= dist.get_world_size()
-            if cfg.rule == "ema":
-                ema_update(model, cfg.decay, cfg.eps)  # assignments of this step's forward
-            scaler.step(opt)
-            scaler.update()
+            train_step(x, y)
             step += 1
+            if step % CHECK_EVERY == 0:
+                train_step.check(step)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
+        train_step.check(step)
         sched.step()
         if rank == 0:
             _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),

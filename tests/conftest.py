@@ -42,6 +42,17 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch) -> None:
+    """Every test means the CPU run unless marked ``cuda``: ``--device auto`` (the harness's
+    and CLI's default, also in the processes a test starts) resolves to the CPU through
+    ``$NWS_DEVICE``, so ``tox`` passes the same on a machine where a GPU is visible."""
+    from benchmarks.device_policy import DEVICE_ENV
+
+    if "cuda" not in request.keywords:
+        monkeypatch.setenv(DEVICE_ENV, "cpu")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     session = getattr(config, "_benchmarksession", None)
     benches = getattr(session, "benchmarks", None) or []

@@ -7,17 +7,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from benchmarks.loss_monitor import LossReading
 from benchmarks.protocols import resolve_protocol
-from benchmarks.training import Trainer, TrainingDivergedError
+from benchmarks.training import MAX_NONFINITE_STEPS, Trainer, TrainingDivergedError
 
 
 def _diverge(device: str, amp: str, scaler_on: bool = False) -> str:
     protocol = resolve_protocol("paper", "cub_to_sketches").with_overrides(amp=amp)
     trainer = SimpleNamespace(protocol=protocol, device=torch.device(device),
-                              scaler=SimpleNamespace(is_enabled=lambda: scaler_on),
-                              nonfinite_streak=20 if scaler_on else 0)
+                              scaler=SimpleNamespace(is_enabled=lambda: scaler_on))
     with pytest.raises(TrainingDivergedError) as err:
-        Trainer.check_finite(trainer, float("nan"), 7)
+        Trainer.check_finite(trainer, LossReading(7, float("nan"), 1.0,
+                                                  MAX_NONFINITE_STEPS + 1 if scaler_on else 1))
     return str(err.value)
 
 

@@ -102,6 +102,27 @@ def test_paper_protocol_step_count():
     assert paper_steps("packnet") == 20 * 130 * 79  # + 30 retraining epochs per task
 
 
+def test_the_resume_verdict_needs_steps_after_the_resume_and_equal_results():
+    """The rerun must resume (a logged step), train after it, and end where an uninterrupted
+    run ends; the old check passed a rerun that trained 0 steps."""
+    done = {("accuracy", 0, 0): 0.5, ("train_steps", 0, 0): 16.0,
+            ("final_train_loss", 0, 0): 1.25}
+    verdict = gpu_check.resume_verdict
+    assert verdict([4], done, dict(done)) == ("PASS", verdict([4], done, done)[1])
+    assert "resumed at step 4, trained 12 more" in verdict([4], done, done)[1]
+    assert verdict([16, 4], done, done)[0] == "FAIL"  # its last phase was already done
+    assert "did not resume from a checkpoint" in verdict([], done, done)[1]
+    other = done | {("accuracy", 0, 0): 0.5 + 2 ** -20}
+    status, detail = verdict([4], done, other)
+    assert status == "FAIL" and "('accuracy', 0, 0): (0.5, 0.500000953" in detail
+    assert verdict([4], done, {k: v for k, v in done.items() if k[0] != "accuracy"})[0] == "FAIL"
+
+
+def test_the_resume_log_line_carries_the_step():
+    line = "INFO [packnet s0] task 1/1 t0 [train]: resumed after epoch 1/4 (step 4) from x.pt"
+    assert [m.group(3) for m in gpu_check.RESUMED.finditer(line)] == ["4"]
+
+
 @pytest.mark.slow
 def test_search_and_resume_checks_run_on_cpu(tmp_path):
     report = gpu_check.Report("cpu")
@@ -109,6 +130,8 @@ def test_search_and_resume_checks_run_on_cpu(tmp_path):
                            max_rows=2048)
     gpu_check.check_resume(report, torch.device("cpu"), tmp_path, size=16, images=128)
     assert [c.status for c in report.checks] == ["PASS", "PASS"], report.checks
+    assert "trained" in report.checks[1].detail and "equals the uninterrupted" in \
+        report.checks[1].detail
 
 
 @pytest.mark.cuda

@@ -78,6 +78,9 @@ def test_rows_are_tidy_and_the_accuracy_matrix_is_complete(tmp_path):
     assert config["protocol_provenance"]["lr"].startswith("paper")
     env = json.loads((run_dir / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    policy = env["device_policy"]  # the device policy's cuDNN/TF32 decisions and the flags
+    assert (policy["cudnn_benchmark"], policy["tf32"]) == (False, False)  # CPU: both off
+    assert policy["backend_flags"]["cudnn_benchmark"] is False
 
 
 def test_a_committed_but_unevaluated_task_is_evaluated_not_retrained(tmp_path):

@@ -127,10 +127,78 @@ def test_threads_progress_and_gpu_slots(monkeypatch):
     finally:
         torch.set_num_threads(before)
     p = cli.parser()
-    assert slots_for(p.parse_args(["--per-gpu", "2", "--gpus", "0,3"])) == ["0", "0", "3", "3"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert slots_for(p.parse_args(["--per-gpu", "2", "--gpus", "0,3"])) == ["0", "3", "0", "3"]
     assert slots_for(p.parse_args(["--jobs", "3"])) == [None, None, None]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     assert slots_for(p.parse_args(["--per-gpu", "2"])) == ["5", "5"]
+
+
+def _fake_gpus(monkeypatch, count: int, visible: str | None) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+
+def test_two_jobs_on_two_gpus_take_one_each(monkeypatch):
+    """``--per-gpu 2 --jobs 2 --gpus 0,1`` used to pack both jobs on GPU 0."""
+    from benchmarks.launch.local import pick_slot, slots_for
+
+    _fake_gpus(monkeypatch, 2, None)
+    args = cli.parser().parse_args(["--per-gpu", "2", "--jobs", "2", "--gpus", "0,1"])
+    assert slots_for(args) == ["0", "1"]
+    # all four slots of 2 GPUs x 2: a job starts on the GPU running fewest jobs
+    slots = ["0", "1", "0", "1"]
+    free, busy = [0, 1, 2, 3], []
+    for _ in range(3):
+        busy.append(pick_slot(free, slots, busy))
+    assert [slots[b] for b in busy] == ["0", "1", "0"]
+    # slots 0 and 1 free, in that order; GPU 0 runs slot 2's job, GPU 1 nothing: the next
+    # job starts on GPU 1 although slot 0 (GPU 0) was freed first
+    assert pick_slot([0, 1], slots, [2]) == 1
+    assert pick_slot([0, 3], slots, [1, 2]) == 0  # one job each: the earliest slot
+
+
+@pytest.mark.parametrize("gpus, visible, count, shown", [
+    ("7", None, 2, "GPU 7 not visible; visible here (physical ids): 0, 1"),
+    ("0", "2,3", 2, "GPU 0 not visible; visible here (physical ids): 2, 3"),
+    ("0", "-1", 2, "no GPU is visible here ($CUDA_VISIBLE_DEVICES='-1')"),
+    ("-1", None, 2, "--gpus '-1': give physical GPU ids"),
+    ("", None, 2, "--gpus '': give physical GPU ids"),
+    ("0,,1", None, 2, "--gpus '0,,1': give physical GPU ids"),
+    ("1,1", None, 2, "an id is repeated"),
+    ("1", "0,1", 1, "GPU 1 not visible; visible here (physical ids): 0 "),
+])
+def test_gpus_not_visible_here_are_refused(monkeypatch, capsys, tmp_path, gpus, visible, count,
+                                           shown):
+    """Checked before any job starts, exit 2 naming the visible GPUs (before: ``--gpus 7`` or
+    ``CUDA_VISIBLE_DEVICES=-1`` ran every job on the CPU with exit 0)."""
+    _fake_gpus(monkeypatch, count, visible)
+    code = cli.main([*SYNTH, "--out", str(tmp_path), "--launcher", "local", "--per-gpu", "1",
+                     "--gpus", gpus, "--dry-run"])
+    assert code == 2 and shown in capsys.readouterr().err
+    assert not (tmp_path / ".sweep").exists()
+
+
+def test_per_gpu_without_a_visible_gpu_is_refused(monkeypatch, capsys, tmp_path):
+    _fake_gpus(monkeypatch, 0, None)
+    code = cli.main([*SYNTH, "--out", str(tmp_path), "--launcher", "local", "--per-gpu", "2",
+                     "--dry-run"])
+    assert code == 2 and "no GPU is visible here; use --jobs N" in capsys.readouterr().err
+    _fake_gpus(monkeypatch, 2, "3,-1,0")  # CUDA stops at the first negative entry
+    from benchmarks.launch.local import visible_gpus
+
+    assert visible_gpus() == ["3"]
+
+
+def test_gpus_help_says_physical_ids():
+    text = " ".join(cli.parser().format_help().split())
+    assert "physical GPU ids" in text
 
 
 @pytest.mark.slow

@@ -11,6 +11,8 @@ from torch import nn
 import nws
 from nws.pretrain import PretrainConfig, image_folder, init_nws_model, pretrain
 
+CPU = torch.device("cpu")
+
 
 def test_ema_update_matches_hand_computation() -> None:
     lin = nn.Linear(2, 2, bias=False)  # four scalar kernels
@@ -103,10 +105,10 @@ def test_pretrain_ema_learns_pools_and_resumes_exactly(tmp_path) -> None:
     assert data.classes == ["a", "b"] and len(data) == 12
     cfg = PretrainConfig(epochs=2, milestones=(1,), batch_size=4, pool_size=16, workers=0,
                          lr=0.05)
-    straight = pretrain(init_nws_model(_tiny_model(), cfg), data, cfg, tmp_path / "a")
+    straight = pretrain(init_nws_model(_tiny_model(), cfg), data, cfg, tmp_path / "a", CPU)
     first = PretrainConfig(**{**cfg.__dict__, "epochs": 1})
-    pretrain(init_nws_model(_tiny_model(), first), data, first, tmp_path / "b")
-    resumed = pretrain(init_nws_model(_tiny_model(), cfg), data, cfg, tmp_path / "b")
+    pretrain(init_nws_model(_tiny_model(), first), data, first, tmp_path / "b", CPU)
+    resumed = pretrain(init_nws_model(_tiny_model(), cfg), data, cfg, tmp_path / "b", CPU)
     a, b = nws.load_pools(straight), nws.load_pools(resumed)
     init = nws.get_pools(init_nws_model(_tiny_model(), cfg))
     for name in init:
@@ -122,7 +124,7 @@ def test_pretrain_gradient_rule_moves_only_selected_entries(tmp_path) -> None:
     model = init_nws_model(_tiny_model(), cfg)
     before = nws.get_pools(model)
     used = {n: torch.unique(m.indices()) for n, m in nws.nws_layers(model).items()}
-    out = pretrain(model, image_folder(tmp_path / "data", 16), cfg, tmp_path / "g")
+    out = pretrain(model, image_folder(tmp_path / "data", 16), cfg, tmp_path / "g", CPU)
     after = nws.load_pools(out).pools
     for name, idx in used.items():
         moved = (after[name] != before[name]).any(1)

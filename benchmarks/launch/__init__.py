@@ -45,8 +45,10 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per-gpu", type=flag_type(int, AT_LEAST_ONE), default=None,
                    help="local: runs packed onto each GPU (pinned with CUDA_VISIBLE_DEVICES)")
     g.add_argument("--gpus", default=None,
-                   help="local: GPU ids to use with --per-gpu (default: $CUDA_VISIBLE_DEVICES "
-                        "or every visible GPU)")
+                   help="local: physical GPU ids to pin runs to, e.g. 0,1 (as "
+                        "CUDA_VISIBLE_DEVICES takes them; each must be visible here); "
+                        "default with --per-gpu: $CUDA_VISIBLE_DEVICES or every visible GPU; "
+                        "alone: --per-gpu 1")
     s = p.add_argument_group("slurm", "the SLURM array (flags override --slurm-config)")
     s.add_argument("--slurm-config", default=None,
                    help="JSON file with any of: partition, time, gpus, cpus, mem_gb, "
@@ -114,6 +116,9 @@ def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from benchmarks.device_policy import resolve_device
 
         resolve_device(args.device)
+        from benchmarks.launch.local import gpus_from
+
+        gpus_from(args)  # ValueError for --gpus that are not visible here
     jobs = plan_jobs(p, args)
     if args.dry_run:
         print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")

@@ -2,12 +2,15 @@
 
 ``--jobs N``: N runs at once (CPU, or whatever ``--device`` says). ``--per-gpu K``: K runs per
 GPU, each pinned to its GPU with ``CUDA_VISIBLE_DEVICES`` (so ``--device auto`` finds exactly
-one). Each job gets ``cores // slots`` threads unless ``--threads`` is given (torch's, and
-``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set before it starts), its own log
-``<out>/.sweep/logs/<key>.log``, and prints one line when it ends, with an ETA for the sweep
-(mean time of the finished jobs x jobs left / slots). Ctrl-C, SIGTERM or SIGHUP to the
-launcher stops every job (each resumes from its run folder when launched again). Exit
-status: 0 if every job finished, else 1.
+one). ``--gpus``: physical GPU ids, as ``CUDA_VISIBLE_DEVICES`` takes them (this machine's
+ids, not indices into the launcher's own ``$CUDA_VISIBLE_DEVICES``), each checked against
+the GPUs this process sees (:func:`visible_gpus`); each job starts on the GPU running the
+fewest jobs (:func:`pick_slot`). Each job gets ``cores // slots`` threads unless
+``--threads`` is given (torch's, and ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set before it
+starts), its own log ``<out>/.sweep/logs/<key>.log``, and prints one line when it ends, with
+an ETA for the sweep (mean time of the finished jobs x jobs left / slots). Ctrl-C, SIGTERM or
+SIGHUP to the launcher stops every job (each resumes from its run folder when launched
+again). Exit status: 0 if every job finished, else 1.
 """
 
 from __future__ import annotations
@@ -33,21 +36,74 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def slots_for(args: argparse.Namespace) -> list[str | None]:
-    """One entry per concurrent job: the GPU it is pinned to, or None (no pinning)."""
-    if args.per_gpu is None:
-        return [None] * (args.jobs or 1)
-    gpus = args.gpus or os.environ.get("CUDA_VISIBLE_DEVICES")
-    if gpus:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    else:
-        import torch
+def visible_gpus() -> list[str]:
+    """The physical ids of the GPUs this process may use: ``$CUDA_VISIBLE_DEVICES``'s entries
+    (as CUDA reads them: up to the first negative one, e.g. ``-1`` hides every GPU; at most
+    as many as torch counts), else ``0 .. torch.cuda.device_count() - 1``. An entry may be
+    a UUID (``GPU-...``) or a MIG id; it is passed on as written."""
+    import torch
 
-        ids = [str(i) for i in range(torch.cuda.device_count())]
-    if not ids:
-        raise ValueError("--per-gpu: no GPU visible; give --gpus 0,1,... or use --jobs N")
-    slots = [g for g in ids for _ in range(args.per_gpu)]
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    ids: list[str] = []
+    for entry in (e.strip() for e in listed.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        ids.append(entry)
+    return ids[:count]
+
+
+def gpus_from(args: argparse.Namespace) -> list[str] | None:
+    """The GPUs ``--per-gpu``/``--gpus`` ask for (physical ids), checked against
+    :func:`visible_gpus`; None when jobs are not pinned. ``--gpus`` alone means
+    ``--per-gpu 1``. Raises ``ValueError`` (exit 2) for an empty or negative id, a repeated
+    one, one not visible here (naming the visible ones), or ``--per-gpu`` with no GPU."""
+    if args.per_gpu is None and args.gpus is None:
+        return None
+    visible = visible_gpus()
+    where = (f"visible here (physical ids): {', '.join(visible)}" if visible else
+             "no GPU is visible here")
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        where += f" ($CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
+    if args.gpus is None:
+        if not visible:
+            raise ValueError(f"--per-gpu: {where}; use --jobs N for CPU runs")
+        return visible
+    ids = [g.strip() for g in args.gpus.split(",")]
+    if not all(ids) or any(g.startswith("-") for g in ids):
+        raise ValueError(f"--gpus {args.gpus!r}: give physical GPU ids, e.g. --gpus 0,1 "
+                         f"({where}); for CPU runs use --jobs N without --gpus/--per-gpu")
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"--gpus {args.gpus}: an id is repeated; use --per-gpu K for K runs "
+                         f"per GPU")
+    missing = [g for g in ids if g not in visible]
+    if missing:
+        raise ValueError(f"--gpus {args.gpus}: GPU {', '.join(missing)} not visible; {where}")
+    return ids
+
+
+def slots_for(args: argparse.Namespace) -> list[str | None]:
+    """One entry per concurrent job: the GPU (physical id) it is pinned to, or None (no
+    pinning). GPUs take turns (``0, 1, 0, 1`` for two GPUs and ``--per-gpu 2``), so that
+    ``--jobs`` fewer than the slots still spreads over every GPU."""
+    gpus = gpus_from(args)
+    if gpus is None:
+        return [None] * (args.jobs or 1)
+    slots = [g for _ in range(args.per_gpu or 1) for g in gpus]
     return slots[: args.jobs] if args.jobs else slots
+
+
+def pick_slot(free: list[int], slots: list[str | None], busy: list[int]) -> int:
+    """The free slot to start the next job in: on the GPU running the fewest jobs (ties:
+    the earliest slot); removed from ``free``. ``busy``: the slots of running jobs."""
+    def load(slot: int) -> tuple[int, int]:
+        return sum(slots[b] == slots[slot] for b in busy), slot
+
+    chosen = min(free, key=load)
+    free.remove(chosen)
+    return chosen
 
 
 # Signals that stop the launcher like Ctrl-C: its jobs run in their own sessions (so a
@@ -84,7 +140,8 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
     try:
         while pending or running:
             while pending and free:
-                job, slot = pending.pop(0), free.pop(0)
+                job = pending.pop(0)
+                slot = pick_slot(free, slots, [r.slot for r in running])
                 log = logs / f"{job.key}.log"
                 env = os.environ | {"OMP_NUM_THREADS": str(threads),
                                     "MKL_NUM_THREADS": str(threads),

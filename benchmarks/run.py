@@ -186,6 +186,10 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
         raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
                          f"options ({valid})")
+    method_options = {name: {k: v for k, v in options.items() if k in settings[name]}
+                      for name in methods}
+    for name in methods:  # option values a method checks, before any run starts
+        METHODS.get(name).resolve_options(args.benchmark, method_options[name])
     seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
@@ -199,8 +203,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
         compile=args.compile, search=args.search,
     )
-    return [RunConfig(method=name, seed=seed, method_options={
-                k: v for k, v in options.items() if k in settings[name]}, **base)
+    return [RunConfig(method=name, seed=seed, method_options=method_options[name], **base)
             for seed in seeds for name in methods]
 
 

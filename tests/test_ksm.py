@@ -173,3 +173,56 @@ def test_stored_multipliers_are_one_or_at_most_half(digits_run):
     s = torch.cat([m.multiplier().flatten() for m in _layers(model)])
     assert bool(((s == 1) | ((s >= 0) & (s <= 0.5))).all())
     assert bool((s < 1).any())  # some kernels went soft
+
+
+def test_ksm_native_is_the_reference_recipe():
+    """LYang-666/CVPR_2021_KSM scripts/run.sh and src/main.py: Adam (betas 0.9, 0.999) at
+    2e-4 for masks, BN and head, no weight decay, batch 32, 30 epochs, cosine per iteration."""
+    p = resolve_protocol("ksm-native", "split_cifar100")
+    assert (p.optimizer, p.lr, p.weight_decay, p.momentum, p.batch_size, p.epochs) == (
+        "adam", 2e-4, 0.0, 0.9, 32, 30)
+    assert (p.schedule, p.lr_schedule_unit, p.lr_milestones) == ("cosine", "step", ())
+    assert KSM.resolve_options("split_cifar100", {})["mask_init"] == 1e-2
+    assert KSM.resolve_options("split_cifar100", {})["threshold"] == 5e-3
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_cosine_per_step_follows_the_formula(monkeypatch, tmp_path):
+    """lr at step k (k = 0 .. E N - 1) is base (1 + cos(pi k / (E N))) / 2: E = 2 epochs of
+    N = 2 steps gives base x 1, 0.853553, 0.5, 0.146447 (cos of 0, pi/4, pi/2, 3pi/4)."""
+    import benchmarks.training as training
+
+    lrs: list[float] = []
+    made = training.make_scheduler
+
+    def recording(opt, protocol, steps_per_epoch=1):
+        sched = made(opt, protocol, steps_per_epoch)
+        step = opt.step
+
+        def step_and_record(*args, **kwargs):
+            lrs.append(opt.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        opt.step = step_and_record  # after the scheduler wrapped it (torch warns; harmless)
+        return sched
+
+    monkeypatch.setattr(training, "make_scheduler", recording)
+    method = _ksm()
+    model = method.model_for_task(method.ctx.tasks[0], ArtifactStore(tmp_path))
+    protocol = resolve_protocol("ksm-native", "synthetic").with_overrides(
+        epochs=2, max_steps_per_epoch=2, batch_size=8)
+    task = BENCHMARKS.get("synthetic")(None).tasks[0]
+    fit(model, method, protocol, task.train, device=torch.device("cpu"), seed=0, task=0,
+        phase="train", progress=False)
+    expected = [2e-4 * f for f in (1.0, 0.8535534, 0.5, 0.1464466)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    lrs.clear()  # per epoch (the default unit): the lr holds for an epoch, then moves
+    fit(method.model_for_task(method.ctx.tasks[0], ArtifactStore(tmp_path)), method,
+        protocol.with_overrides(lr_schedule_unit="epoch"), task.train,
+        device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False)
+    assert lrs == pytest.approx([2e-4, 2e-4, 1e-4, 1e-4], rel=1e-6)
+
+
+def test_unknown_schedule_unit_is_refused():
+    with pytest.raises(ValueError, match="lr_schedule_unit='iteration'; valid: epoch, step"):
+        resolve_protocol("paper", "split_cifar100").with_overrides(lr_schedule_unit="iteration")

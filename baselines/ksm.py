@@ -3,9 +3,26 @@
 Every conv (stem and shortcuts included) keeps its backbone weights W frozen; a task learns
 one real value m[o, i] per kernel, plus its own BatchNorm and head. The hard part is
 b = 1[m >= threshold] (trained through a sigmoid surrogate, straight-through); the soft
-part a = m * (1 - b), detached, is min-max normalised over the layer's soft kernels; the
+part a = m * (1 - b), detached, is min-max normalised (option ``soft_norm``, below); the
 kernel multiplier is s = b + 0.5 a, so s is exactly 1 or lies in [0, 0.5], and
 W_t[o, i] = s[o, i] * W[o, i]. At init (m = 1e-2 >= 5e-3) every s is 1: the backbone exactly.
+
+Normalisation of the soft part (``--opt soft_norm=...``):
+
+- ``layer`` (default, the reference: LYang-666/CVPR_2021_KSM ``src/modnets/layers.py``,
+  ``GroupWiseConv2d.forward``): min and max are taken over the whole layer's a, where hard
+  kernels hold 0, and only the nonzero entries of a are rescaled, a -> (a - min) / (max - min).
+  So with hard kernels present, positive soft masks are divided by their maximum (min is 0),
+  a lone positive soft kernel gets a = 1 (s = 0.5), and a soft mask exactly 0 stays 0.
+- ``soft`` (the suite's earlier rule): min and max over the soft kernels only, every soft
+  kernel rescaled (a lone soft kernel gets a = 0).
+
+Where the range is 0 (every kernel soft, all with one value) the reference divides 0 by 0
+(NaN weights); both rules here give a = 0 there instead.
+
+The ``ksm-native`` protocol is the reference's own training recipe; the reference keeps the
+epoch with the best *test* accuracy (``src/main.py``, ``Manager.train``), so the KSM paper's
+figures were likely selected on the test set. The suite keeps the last epoch.
 
 Stored: the backbone once (float32 conv weights, shared), and per task the mask values
 (float32 per kernel), BN and head. Masks are stored dense: a lossless sparse form (1 bit per
@@ -15,6 +32,7 @@ data dependent, so no analytic formula could match it to the byte.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -38,19 +56,49 @@ from baselines.common import (
     with_quick_epochs,
 )
 from benchmarks import archs
-from benchmarks.checks import Range
+from benchmarks.checks import OneOf, Range
 from benchmarks.method import Breakdown, Method, TaskInfo
 from benchmarks.protocols import Protocol, S
 from benchmarks.store import ArtifactStore, Transaction
 
 KSM_CODE = "KSM reference code (REFERENCE §4)"
 
+# reduce(x, "min" | "max") -> per-kernel tensor like x: the reduction over x's layer
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def _normalise_over_layer(md: torch.Tensor, soft: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    """The reference's rule: a = m * (1 - b) with hard kernels at 0, min and max over the
+    whole layer, only nonzero a rescaled (LYang-666/CVPR_2021_KSM src/modnets/layers.py)."""
+    a = torch.where(soft, md, torch.zeros_like(md))
+    lo = reduce(a, "min")
+    span = reduce(a, "max") - lo
+    return torch.where((a != 0) & (span > 0), (a - lo) / span, torch.zeros_like(md))
+
+
+def _normalise_over_soft(md: torch.Tensor, soft: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+    """The suite's earlier rule: min and max over the soft kernels only, all of them rescaled."""
+    lo = reduce(torch.where(soft, md, torch.inf), "min")
+    span = reduce(torch.where(soft, md, -torch.inf), "max") - lo
+    return torch.where(soft & (span > 0), (md - lo) / span, torch.zeros_like(md))
+
+
+SOFT_NORMS: dict[str, Callable[[torch.Tensor, torch.Tensor, Reduce], torch.Tensor]] = {
+    "layer": _normalise_over_layer,
+    "soft": _normalise_over_soft,
+}
+
+
+def _whole(x: torch.Tensor, op: str) -> torch.Tensor:
+    """One layer: its min or max (a 0-d tensor, broadcast over the kernels)."""
+    return x.amin() if op == "min" else x.amax()
+
 
 class KernelMaskedConv(nn.Module):
     """A conv whose frozen weight (buffer) is scaled per kernel by the KSM multiplier."""
 
     def __init__(self, conv: nn.Conv2d, init: float, threshold: float, beta: float,
-                 temperature: float, soft_weight: float) -> None:
+                 temperature: float, soft_weight: float, soft_norm: str = "layer") -> None:
         super().__init__()
         if conv.bias is not None:
             raise ValueError("KSM masks bias-free convs only")
@@ -60,6 +108,8 @@ class KernelMaskedConv(nn.Module):
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self.threshold, self.slope, self.soft_weight = threshold, beta / temperature, soft_weight
+        self.soft_norm = soft_norm
+        self.normalise = SOFT_NORMS[soft_norm]
         self.pending: torch.Tensor | None = None  # (out, in, 1, 1), set by MultiplierBank
 
     def multiplier(self) -> torch.Tensor:
@@ -67,11 +117,7 @@ class KernelMaskedConv(nn.Module):
         m = self.mask
         hard = (m >= self.threshold).to(m.dtype)
         b = ste(hard, torch.sigmoid((m - self.threshold) * self.slope)) if self.training else hard
-        soft = hard == 0
-        md = m.detach()
-        lo = torch.where(soft, md, torch.inf).min()
-        span = torch.where(soft, md, -torch.inf).max() - lo
-        a = torch.where(soft & (span > 0), (md - lo) / span, torch.zeros_like(md))
+        a = self.normalise(m.detach(), hard == 0, _whole)
         return b + self.soft_weight * a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +132,7 @@ class MultiplierBank:
 
     A forward pre-hook of the model (installed by :meth:`KSM._mask_convs`): before each
     forward it computes the multipliers of all layers as one flat tensor, with per-layer
-    min/max of the soft kernels as segment reductions (no per-layer loop of small ops and no
+    min/max (as ``soft_norm`` says) as segment reductions (no per-layer loop of small ops and no
     host sync), and hands each layer its slice, which the layer uses once. The values are
     those of :meth:`KernelMaskedConv.multiplier`, bit for bit; gradients agree to rounding
     (the surrogate's sigmoid runs over another tensor layout). Layers called outside a
@@ -95,12 +141,13 @@ class MultiplierBank:
 
     def __init__(self, layers: list[KernelMaskedConv]) -> None:
         first = layers[0]
-        settings = {(m.threshold, m.slope, m.soft_weight) for m in layers}
+        settings = {(m.threshold, m.slope, m.soft_weight, m.soft_norm) for m in layers}
         if len(settings) != 1:
             raise ValueError(f"KSM layers of one model differ in settings: {settings}")
         self.layers = layers
         self.threshold, self.slope, self.soft_weight = first.threshold, first.slope, \
             first.soft_weight
+        self.normalise = first.normalise
         self.sizes = [m.mask.numel() for m in layers]
         self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -119,15 +166,12 @@ class MultiplierBank:
         layer_of, lengths = self._segments(m.device)
         hard = (m.detach() >= self.threshold).to(m.dtype)
         b = ste(hard, torch.sigmoid((m - self.threshold) * self.slope)) if training else hard
-        soft = hard == 0
-        md = m.detach()
-        lo = torch.segment_reduce(torch.where(soft, md, torch.inf), "min", lengths=lengths,
-                                  unsafe=True)
-        span = torch.segment_reduce(torch.where(soft, md, -torch.inf), "max", lengths=lengths,
-                                    unsafe=True) - lo
-        lo, span = lo.index_select(0, layer_of), span.index_select(0, layer_of)
-        a = torch.where(soft & (span > 0), (md - lo) / span, torch.zeros_like(md))
-        s = b + self.soft_weight * a
+
+        def per_layer(x: torch.Tensor, op: str) -> torch.Tensor:
+            reduced = torch.segment_reduce(x, op, lengths=lengths, unsafe=True)
+            return reduced.index_select(0, layer_of)
+
+        s = b + self.soft_weight * self.normalise(m.detach(), hard == 0, per_layer)
         return [piece.view(*layer.mask.shape, 1, 1)
                 for piece, layer in zip(s.split(self.sizes), self.layers, strict=True)]
 
@@ -155,6 +199,11 @@ class KSM(Method):
             "beta": S(1200.0, KSM_CODE + ": sigmoid surrogate slope", POSITIVE),
             "temperature": S(100.0, KSM_CODE + ": sigmoid surrogate temperature", POSITIVE),
             "soft_weight": S(0.5, KSM_CODE + ": s = b + 0.5 a", FINITE),
+            "soft_norm": S("layer", KSM_CODE + ": the soft part is min-max normalised over the "
+                                    "whole layer, hard kernels' zeros included (src/modnets/"
+                                    "layers.py GroupWiseConv2d); 'soft': over the soft kernels "
+                                    "only (the suite's earlier rule)",
+                           OneOf(tuple(SOFT_NORMS), "the soft-part normalisations")),
             "quick_epochs": S(8, "ours, used only with quick: on a random frozen backbone "
                                  "(split_digits at 32x32, pretrained none, seed 1993) 4 "
                                  "epochs gave 75.4% on digits_89; 8 gave "
@@ -172,7 +221,7 @@ class KSM(Method):
         layers = []
         for name, conv in conv_modules(model):
             layers.append(KernelMaskedConv(conv, o["mask_init"], o["threshold"], o["beta"],
-                                           o["temperature"], o["soft_weight"]))
+                                           o["temperature"], o["soft_weight"], o["soft_norm"]))
             set_submodule(model, name, layers[-1])
         if layers:
             model.register_forward_pre_hook(MultiplierBank(layers))

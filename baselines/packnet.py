@@ -9,6 +9,18 @@ from the store that keeps the weights with 1 <= id <= t + 1 (a copy: nothing is 
 place). Each task walks an explicit state machine (train -> pruned -> retrained -> frozen, or
 train -> frozen when it prunes nothing) that raises on any other step.
 
+Two choices follow the reference (ivclab/CPG, the PackNet whose checkpoints the NWS authors'
+memory script reads), each with the suite's earlier choice as an option:
+
+- ``decay="conv"``: the hand-written weight decay reaches conv weights only
+  (``utils/packnet_prune.py`` 146-159, ``do_weight_decay_and_make_grads_zero``: Conv2d/Linear
+  weights outside the classifiers; ``packnet_cifar100_main_normal.py`` 226-230 builds SGD with
+  weight_decay=0.0, so BN and head are never decayed). ``"all"``: every trained parameter.
+- ``bn_start="previous"``: task t > 0 starts from task t-1's final BN (CPG's finetune run
+  loads the previous task's checkpoint, ``utils/packnet_manager.py`` 187-202 ``load_checkpoint``,
+  which copies every entry but the classifier; ``experiment1/PackNet_cifar100.sh`` passes
+  the previous task's folder as ``--load_folder``). ``"pretrained"``: from the pretrained BN.
+
 Stored: the backbone once (float32 conv weights) and the owner ids packed at
 ceil(log2(T + 1)) bits per weight (both shared, rewritten after each task), BN and head per
 task. When no free weight is left a task trains only its BN and head: it warns loudly, and
@@ -30,6 +42,7 @@ from torch import nn
 from baselines.common import (
     BACKBONE,
     FLOAT32,
+    bn_state,
     conv_modules,
     conv_weight_count,
     conv_weight_state,
@@ -50,6 +63,8 @@ from nws import bitpack
 log = logging.getLogger("benchmarks")
 OWNERS = "owners"
 REF = "REFERENCE §4 (PackNet, CIFAR variant used by the NWS authors)"
+CPG = "ivclab/CPG"
+CHOICES = {"decay": ("conv", "all"), "bn_start": ("previous", "pretrained")}
 
 
 class Phase(Enum):
@@ -154,6 +169,14 @@ class PackNet(Method):
             "retrain_milestone_fraction": S(25 / 30, REF + ": lr x0.1 at retrain epoch 25",
                                             FRACTION),
             "quick_retrain": S((1.0, 1.0), QUICK_RETRAIN, QUICK),
+            "decay": S("conv", CPG + " utils/packnet_prune.py: weight decay on conv weights "
+                               "only; 'all': every trained parameter (the suite's earlier rule)",
+                       OneOf(CHOICES["decay"], "the parameter sets the hand-written decay "
+                                               "reaches")),
+            "bn_start": S("previous", CPG + " utils/packnet_manager.py load_checkpoint: task t>0 "
+                                      "starts from task t-1's BN; 'pretrained': from the "
+                                      "pretrained BN (the suite's earlier rule)",
+                          OneOf(CHOICES["bn_start"], "where task t > 0 takes its BN from")),
         },
         "split_cifar100": {"prune": S(0.6, REF, PRUNE)},
         "cub_to_sketches": {
@@ -195,6 +218,9 @@ class PackNet(Method):
         self._reset_task_state()
         backbone = stored_backbone(store)
         model = fresh_task_model(self.ctx, task.num_classes, backbone)
+        if task.index > 0 and self.opt["bn_start"] == "previous":
+            load_partial_state(model, {k: v for k, v in store.get_tensors(
+                "state", task.index - 1).items() if k in bn_state(model)})
         if backbone is None:
             owners = {k: torch.zeros(w.shape, dtype=torch.int64)
                       for k, w in conv_weight_state(model).items()}
@@ -244,11 +270,18 @@ class PackNet(Method):
             self._masks, self._masks_key = (own, keep), key
         return self._masks
 
+    def decayed(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters the hand-written weight decay reaches (option ``decay``): conv
+        weights (the reference), or every parameter."""
+        if self.opt["decay"] == "all":
+            return list(model.parameters())
+        return [c.weight for _, c in conv_modules(model)]
+
     def after_backward(self, model: nn.Module) -> None:
-        """Weight decay into every gradient, then older tasks' (and free) weights' gradients
-        zeroed: two multi-tensor ops for the whole model, whatever its depth."""
+        """Weight decay into the gradients of :meth:`decayed`, then older tasks' (and free)
+        weights' gradients zeroed: two multi-tensor ops for the whole model."""
         wd = self.ctx.protocol.weight_decay
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in self.decayed(model) if p.grad is not None]
         convs = conv_modules(model)
         own, _ = self._step_masks(convs)
         pairs = [(c.weight.grad, m) for (_, c), m in zip(convs, own, strict=True)

@@ -6,6 +6,12 @@ heads per task with :func:`set_head`. All convolutions are bias-free and followe
 - ``resnet18`` / ``resnet34`` (REFERENCE §2, authors' code): torchvision's ResNets with the
   max-pool removed (7x7/2 stem straight into layer1, also on 32x32 input: 16x16 after the
   stem, 2x2 before pooling). ImageNet weights load unchanged (max-pool has no parameters).
+- ``resnet18-maxpool``: torchvision's ResNet-18 unchanged, max-pool kept (3x3/2 after the
+  stem: 8x8 after it on 32x32 input, 1x1 before pooling). Not the paper's network: the NWS
+  authors' only baseline trainer (JianJiangKCL/NeuralWeightSearch ``models/BaselineTrainer.py``)
+  finetuned this one, so ``--method finetune --arch resnet18-maxpool`` reproduces the setting
+  of their Finetune row (docs/reference.md, Finetune). Same parameters and weights as
+  ``resnet18``; any method runs on it.
 - ``mobilenetv2``: torchvision's MobileNetV2, width 1.0, unchanged (REFERENCE §2 names no
   change; stride 32, so 32x32 input ends at 1x1 before pooling). Head ``classifier.1``.
 - ``vgg16``: VGG16-BN's 13 3x3 convs and 5 max-pools, then global average pooling and one
@@ -77,6 +83,18 @@ ARCHS.register(
         "resnet18:IMAGENET1K_V1",
     ),
     "ResNet-18, 7x7/2 stem, no max-pool, BasicBlocks [2,2,2,2] (REFERENCE §2)",
+)
+
+
+def _resnet18_with_maxpool(num_classes: int) -> nn.Module:
+    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+
+
+ARCHS.register(
+    "resnet18-maxpool",
+    ArchSpec("resnet18-maxpool", _resnet18_with_maxpool, "fc", "resnet18:IMAGENET1K_V1"),
+    "torchvision's ResNet-18 with its max-pool, as the NWS authors' Finetune trainer "
+    "(models/BaselineTrainer.py); not the paper's shared network",
 )
 ARCHS.register(
     "resnet34",

@@ -63,13 +63,18 @@ def loss_scaling(device: torch.device, amp: str) -> bool:
     return device.type == "cuda" and amp == "fp16"
 
 
-def make_scheduler(opt: torch.optim.Optimizer, protocol: Protocol):
+def make_scheduler(opt: torch.optim.Optimizer, protocol: Protocol, steps_per_epoch: int = 1):
+    """The protocol's schedule. ``lr_schedule_unit`` "epoch": stepped once per epoch;
+    "step": stepped after every optimiser step, milestones and the cosine period scaled by
+    ``steps_per_epoch`` (so both span the same epochs)."""
+    per = steps_per_epoch if protocol.lr_schedule_unit == "step" else 1
     if protocol.schedule == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(
-            opt, milestones=list(protocol.lr_milestones), gamma=protocol.lr_gamma
+            opt, milestones=[m * per for m in protocol.lr_milestones], gamma=protocol.lr_gamma
         )
     if protocol.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(protocol.epochs, 1))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(protocol.epochs * per, 1))
     raise ValueError(f"unknown schedule {protocol.schedule!r}; valid: multistep, cosine")
 
 
@@ -98,7 +103,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, method: Method, protocol: Protocol,
-                 device: torch.device, compile: bool = False) -> None:
+                 device: torch.device, compile: bool = False, steps_per_epoch: int = 1) -> None:
         self.model, self.method, self.protocol, self.device = model, method, protocol, device
         scaling = loss_scaling(device, protocol.amp)
         self.scaler = torch.amp.GradScaler(device.type if scaling else "cuda", enabled=scaling)
@@ -107,7 +112,8 @@ class Trainer:
         self.opt = make_optimizer(params, protocol, method.optimizer_weight_decay, **impl)
         if scaling:  # a skipped (non-finite) first fused step must leave clean momentum
             zero_momentum_buffers(self.opt)
-        self.sched = make_scheduler(self.opt, protocol)
+        self.sched = make_scheduler(self.opt, protocol, steps_per_epoch)
+        self.sched_per_step = protocol.lr_schedule_unit == "step"
         # non-finite losses, counted on the device each step (read with the loss, no sync):
         # the current run of them and the longest run so far
         self.nonfinite_streak = torch.zeros((), device=device)
@@ -397,10 +403,11 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
     policy = policy if policy is not None else DevicePolicy.for_device(device)
     every = checkpoint_every or CheckpointPolicy.parse(DEFAULT_CHECKPOINT_EVERY)
     model.to(device).train()
-    trainer = Trainer(model, method, protocol, device, compile=policy.compile)
     per_epoch = batches_per_epoch(len(dataset), protocol.batch_size, protocol.drop_last)
     if protocol.max_steps_per_epoch is not None:
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
+    trainer = Trainer(model, method, protocol, device, compile=policy.compile,
+                      steps_per_epoch=per_epoch)
     first, running = _load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
     if first:
         log.info("%s: resumed after epoch %d/%d (step %d) from %s", desc or phase, first,
@@ -428,13 +435,16 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
             if i >= per_epoch:
                 break
             loss = trainer.step(x, y)
+            if trainer.sched_per_step:
+                trainer.sched.step()
             running = loss if running is None else 0.9 * running + 0.1 * loss
             stats.steps += 1
             report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1,
                                  nonfinite=trainer.nonfinite_peak), epoch)
             bar.update(1)
         last_step = report(monitor.settle(), epoch)  # the one wait of an epoch: its last step
-        trainer.sched.step()
+        if not trainer.sched_per_step:
+            trainer.sched.step()
         if not progress:  # no bar (e.g. output to a log): one line per epoch instead
             log.info("task %d [%s] epoch %d/%d: loss %.4f", task + 1, phase, epoch + 1,
                      protocol.epochs, float("nan") if last_step is None else last_step.running)

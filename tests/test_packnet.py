@@ -139,3 +139,66 @@ def test_smallest_equals_a_stable_sort_with_ties():
         want = torch.zeros(500, dtype=torch.bool)
         want[torch.argsort(values, stable=True)[:k]] = True
         assert torch.equal(_smallest(values, k), want), k
+
+
+def _packnet(tmp_path, **options) -> tuple[PackNet, ArtifactStore, object]:
+    bench = BENCHMARKS.get("synthetic")(None, num_tasks=2)
+    infos = tuple(TaskInfo(t.index, t.name, t.num_classes) for t in bench.tasks)
+    protocol = resolve_protocol("smoke", "synthetic").with_overrides(lr=0.1, weight_decay=0.5)
+    method = PackNet(MethodContext("resnet18", "synthetic", infos, protocol, CPU, 0,
+                                   Pretrained("resnet18", "none"),
+                                   PackNet.resolve_options("synthetic", options)))
+    return method, ArtifactStore(tmp_path), bench
+
+
+@pytest.mark.parametrize("decay", ["conv", "all"])
+def test_weight_decay_reaches_the_reference_set(tmp_path, decay):
+    """ivclab/CPG utils/packnet_prune.py: grad += wd * w on conv weights only, then the
+    gradients of weights the task does not own are zeroed; BN and head get none (its SGD has
+    weight_decay=0). One step from zero gradients with wd = 0.5 and every weight owned by
+    task 0: a conv gradient is 0.5 w, a BN or head gradient 0 ("all": 0.5 p everywhere)."""
+    method, store, _ = _packnet(tmp_path, decay=decay)
+    model = method.model_for_task(method.ctx.tasks[0], store)
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    method.after_backward(model)
+    for name, p in model.named_parameters():
+        decayed = decay == "all" or id(p) in convs
+        want = 0.5 * p.detach() if decayed else torch.zeros_like(p)
+        assert torch.equal(p.grad, want), name
+    assert PackNet.resolve_options("synthetic", {})["decay"] == "conv"  # the default
+
+
+@pytest.mark.parametrize("bn_start", ["previous", "pretrained"])
+def test_task_1_starts_from_task_0s_stored_bn(tmp_path, bn_start):
+    """ivclab/CPG utils/packnet_manager.py load_checkpoint: task t > 0 loads task t-1's
+    checkpoint, BN included (the classifier excepted)."""
+    method, store, bench = _packnet(tmp_path, bn_start=bn_start)
+    info = method.ctx.tasks[0]
+    model = method.model_for_task(info, store)
+
+    def phase_fit(m, proto, phase):
+        fit(m, method, proto, bench.tasks[0].train, device=CPU, seed=0, task=0, phase=phase,
+            progress=False)
+
+    phase_fit(model, method.ctx.protocol, "train")
+    method.finish_task(info, model, phase_fit)
+    with store.transaction() as tx:
+        method.save_task(info, model.eval(), tx)
+    stored = store.get_tensors("state", 0)
+    start = method.model_for_task(method.ctx.tasks[1], store).state_dict()
+    pretrained = method.ctx.pretrained.model().state_dict()
+    bn_keys = [k for k in stored if "bn" in k or "downsample.1" in k]
+    assert len(bn_keys) == 20 * 4  # 20 BN layers of ResNet-18: weight, bias, mean, var
+    source = stored if bn_start == "previous" else pretrained
+    assert all(torch.equal(start[k], source[k]) for k in bn_keys)
+    assert not all(torch.equal(stored[k], pretrained[k]) for k in bn_keys)  # task 0 moved BN
+    assert PackNet.resolve_options("synthetic", {})["bn_start"] == "previous"  # the default
+
+
+@pytest.mark.parametrize("option", ["decay=bn", "bn_start=last"])
+def test_unknown_choice_is_refused_listing_the_valid_ones(option):
+    key, value = option.split("=")
+    with pytest.raises(ValueError, match=f"{key}='{value}'.*valid: one of"):
+        PackNet.resolve_options("synthetic", {key: value})

@@ -116,7 +116,7 @@ def test_reference_normalisation_is_the_default():
 
 
 def test_unknown_soft_norm_exits_2_listing_the_valid_ones(tmp_path, capsys):
-    with pytest.raises(ValueError, match="soft_norm='bogus'.*valid: one of 'layer', 'soft'"):
+    with pytest.raises(ValueError, match=r"soft_norm='bogus'.*valid: one of 'layer', 'soft'"):
         KSM.resolve_options("split_digits", {"soft_norm": "bogus"})
     code = cli.main(["--method", "finetune,ksm", "--protocol", "smoke", "--tasks", "1",
                      "--out", str(tmp_path), "--opt", "soft_norm=bogus"])
@@ -224,5 +224,6 @@ def test_cosine_per_step_follows_the_formula(monkeypatch, tmp_path):
 
 
 def test_unknown_schedule_unit_is_refused():
-    with pytest.raises(ValueError, match="lr_schedule_unit.*'iteration'.*valid: one of 'epoch', 'step'"):
+    with pytest.raises(ValueError,
+                       match=r"lr_schedule_unit.*'iteration'.*valid: one of 'epoch', 'step'"):
         resolve_protocol("paper", "split_cifar100").with_overrides(lr_schedule_unit="iteration")

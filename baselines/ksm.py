@@ -192,6 +192,9 @@ EPOCHS = Range(1, None, "a task trains at least one epoch", integer=True)
 
 class KSM(Method):
     name = "ksm"
+    # 2: the soft part normalised over the whole layer (the reference's rule; docs/
+    # reproducibility.md's log)
+    rule_version = 2
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {
         "default": {
             "mask_init": S(1e-2, KSM_CODE, FINITE),

@@ -159,6 +159,8 @@ QUICK = Each(Range(0, None, "a positive factor", lo_open=True),
 class PackNet(Method):
     name = "packnet"
     optimizer_weight_decay = False  # applied by hand in after_backward
+    # 2: decay on conv weights only, task t > 0 from task t-1's BN (docs/reproducibility.md)
+    rule_version = 2
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {
         "default": {
             "prune": S("equal-share", "ours: every task keeps an equal share of the backbone",

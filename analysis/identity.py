@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.grouping import flatten, group_key, splitting_identity
+from benchmarks.identity import fill_defaults
 from nws.search import device_default_search
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,20 @@ def _variant(method: str, flat: dict[str, Any], diffs: dict[str, Any]) -> tuple[
     return method, diffs
 
 
+def current_identity(member: Member) -> dict[str, Any]:
+    """``member.identity`` read as today's code writes it (:func:`benchmarks.identity.
+    fill_defaults`): a run written before an option, protocol field or identity key existed
+    has that key's default, so it groups with today's runs of the same settings."""
+    if not member.identity:
+        return member.identity
+    defaults = _default_options(member.method, member.benchmark) or {}
+    return fill_defaults(member.identity, defaults)
+
+
 def assign_labels(members: list[Member]) -> None:
     """Set each member's ``group`` and ``label`` (module doc)."""
+    for m in members:
+        m.identity = current_identity(m)
     flats = [flatten(splitting_identity(m.identity)) for m in members]
     for m in members:
         m.group = group_key(m.identity) if m.identity else "no-config"

@@ -9,7 +9,8 @@ are removed (:func:`splitting_identity`):
 - ``device_type`` and ``deterministic``: recorded, not splitting. The same settings on a CPU
   and on a GPU, or with and without ``--deterministic``, are the same experiment measured
   with other kernels; analysis notes a group that mixes them (docs/reference.md §3);
-- input-file digests: a key ending in ``_digest`` or a ``digests`` sub-dict, at any depth.
+- input-file digests: a key ending in ``_digest``, a ``digests`` sub-dict or a ``blake2b``
+  entry (``identity['inputs']``), at any depth.
   The path (or name) of a file is a setting; its digest says which bytes were read and stays
   in ``config.json`` for anyone who wants to check.
 
@@ -29,7 +30,7 @@ DIGESTS = "digests"
 
 
 def _is_digest(key: str) -> bool:
-    return key == DIGESTS or key.endswith("_digest")
+    return key in (DIGESTS, "blake2b") or key.endswith("_digest")
 
 
 def _strip_digests(value: Any) -> Any:

@@ -31,6 +31,7 @@ from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensor
 from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.device_policy import DevicePolicy, resolve_device
+from benchmarks.epoch_log import EpochLog
 from benchmarks.lock import RunLock
 from benchmarks.method import Method, MethodContext, TaskInfo
 from benchmarks.methods import METHODS
@@ -245,6 +246,7 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
     results.write_json("env.json", environment(device, cfg.deterministic)
                        | {"device_policy": policy.describe()})
     store = ArtifactStore(results.dir / "artifacts")
+    epochs = EpochLog(results.dir, method_cls.EPOCH_FIGURES)
 
     base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": cfg.method,
                 "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
@@ -260,7 +262,7 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, policy, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
-                        checkpoints=checkpoints, every=every)
+                        checkpoints=checkpoints, every=every, epochs=epochs)
         else:
             log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
         # The task is in the store: its phases' checkpoints are not needed now (also those a
@@ -338,7 +340,8 @@ def _checkpoint_prefix(task: int) -> str:
 
 def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
                 policy: DevicePolicy, protocol: Protocol, desc: str,
-                checkpoints: Path, every: CheckpointPolicy) -> None:
+                checkpoints: Path, every: CheckpointPolicy, epochs: EpochLog | None = None
+                ) -> None:
     """Train task ``info`` and commit it to the store. Each training phase checkpoints as
     ``every`` says and after its last epoch; a resumed task replays its phases in order, and
     what a method does between them (PackNet's pruning, NWS's k-means pools) runs again on
@@ -351,11 +354,13 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
     prefix = _checkpoint_prefix(info.index)
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
+        n = next(calls)
         fit(m, method, proto, task.train, device=device, seed=cfg.seed, task=info.index,
             phase=phase, num_workers=cfg.num_workers, progress=cfg.progress,
             desc=f"{desc} [{phase}]", stats=stats,
-            checkpoint=checkpoints / f"{prefix}{next(calls)}-{phase}.pt",
-            checkpoint_every=every, policy=policy)
+            checkpoint=checkpoints / f"{prefix}{n}-{phase}.pt",
+            checkpoint_every=every, policy=policy,
+            recorder=epochs.phase(info.index, n, phase, method, m) if epochs else None)
 
     phase_fit(model, protocol, "train")
     method.finish_task(info, model, phase_fit)

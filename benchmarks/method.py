@@ -62,6 +62,8 @@ class Method(ABC):
     # The DevicePolicy fields whose choice can change this method's results: they join the
     # run identity, so a resume under another choice is refused (NWS: the search path).
     policy_fields: ClassVar[tuple[str, ...]] = ()
+    # Names of the per-epoch figures :meth:`epoch_figures` returns (columns of epochs.csv).
+    EPOCH_FIGURES: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -106,6 +108,16 @@ class Method(ABC):
 
     def finish_task(self, task: TaskInfo, model: nn.Module, fit: Fit) -> None:
         """Called once after the main training (prune + retrain, freezing, ...)."""
+
+    def epoch_state(self, model: nn.Module) -> Any:
+        """Called after each training epoch's first step (device ops only, no host read);
+        handed to :meth:`epoch_figures` after the epoch."""
+        return None
+
+    def epoch_figures(self, model: nn.Module, state: Any) -> dict[str, torch.Tensor]:
+        """Per-epoch figures named in :attr:`EPOCH_FIGURES`, as 0-d tensors on the device
+        (read once with the epoch's loss; never read them here). Only those it has."""
+        return {}
 
     # -- storage -------------------------------------------------------------------------
     @abstractmethod

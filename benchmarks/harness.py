@@ -39,6 +39,7 @@ from benchmarks.protocols import Protocol, resolve_protocol
 from benchmarks.results import ResultsStore
 from benchmarks.seeding import seed_global, set_deterministic
 from benchmarks.store import ArtifactStore
+from benchmarks.trackers import TrackerSet
 from benchmarks.training import (
     DEFAULT_CHECKPOINT_EVERY,
     CheckpointPolicy,
@@ -86,6 +87,9 @@ class RunConfig:
     # Where phase checkpoints go (e.g. node-local scratch); None: the run folder's
     # checkpoints/. Runs sharing one directory each use <dir>/<run id>/.
     checkpoint_dir: str | None = None
+    # Experiment trackers (benchmarks.trackers: csv, tensorboard, wandb); not part of the
+    # run's identity: they only watch.
+    loggers: list[str] = field(default_factory=list)
 
 
 def build_benchmark(cfg: RunConfig) -> Benchmark:
@@ -212,15 +216,16 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
-    with RunLock(results.dir):  # one writer per run folder, for the run's life
+    trackers = TrackerSet(cfg.loggers, results.dir, rid, identity)  # checked: no folder yet
+    with RunLock(results.dir), trackers:  # one writer per run folder, for the run's life
         return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
-                           policy, every, tasks)
+                           policy, every, tasks, trackers)
 
 
 def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],
                 protocol: Protocol, identity: dict[str, Any], rid: str, results: ResultsStore,
-                policy: DevicePolicy, every: CheckpointPolicy, tasks: tuple[TaskInfo, ...]
-                ) -> Path:
+                policy: DevicePolicy, every: CheckpointPolicy, tasks: tuple[TaskInfo, ...],
+                trackers: TrackerSet | None = None) -> Path:
     """The body of :func:`run`, under the run folder's lock."""
     device = policy.device
     try:
@@ -246,7 +251,7 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
     results.write_json("env.json", environment(device, cfg.deterministic)
                        | {"device_policy": policy.describe()})
     store = ArtifactStore(results.dir / "artifacts")
-    epochs = EpochLog(results.dir, method_cls.EPOCH_FIGURES)
+    epochs = EpochLog(results.dir, method_cls.EPOCH_FIGURES, [trackers] if trackers else [])
 
     base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": cfg.method,
                 "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
@@ -281,6 +286,8 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         # The task's own accuracy row goes last: its presence marks the task finished.
         rows.sort(key=lambda r: r["metric"] == "accuracy" and r["task"] == t)
         results.append([base_row | r for r in rows])
+        if trackers is not None:
+            trackers.task(t, rows)
         own = next(r["value"] for r in rows if r["metric"] == "accuracy" and r["task"] == t)
         mean = sum(r["value"] for r in rows if r["metric"] == "accuracy") / (t + 1)
         took.append(time.perf_counter() - task_started)

@@ -50,7 +50,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.85em}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+th{background:#f3f3f3}td:first-child,th:first-child,table.text td{text-align:left}
 td.diff{background:#f7f7ff}.done{color:#176d17}.failed{color:#b00}
 .partial,.running{color:#a06000}.missing{color:#777}
 ul.notes{font-size:.8em;color:#444}img{max-width:min(100%,800px);margin:.5em 0}
@@ -62,9 +62,11 @@ def _e(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _html_table(header: list[str], rows: list[list[str]], classes: list[list[str]] | None = None
-                ) -> str:
-    out = ["<table>", "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
+def _html_table(header: list[str], rows: list[list[str]], classes: list[list[str]] | None = None,
+                kind: str = "") -> str:
+    """``kind="text"``: every cell left-aligned (provenance)."""
+    out = [f'<table class="{kind}">' if kind else "<table>",
+           "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
     for i, row in enumerate(rows):
         cls = classes[i] if classes else [""] * len(row)
         out.append("<tr>" + "".join(f'<td class="{c}">{_e(v)}</td>' if c else f"<td>{_e(v)}</td>"
@@ -182,6 +184,7 @@ def training_curves(runs: list[Run]) -> bytes | None:
                 ax.axvline(s + 0.5, color="#ccc", linewidth=0.5)
         ax.set(title=method, xlabel="epoch (grey: task starts)", ylabel="mean loss",
                yscale="log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -251,7 +254,8 @@ def build_report(results: str | Path, benchmark: str, protocol: str | None = Non
          "<p>No run has an epochs.csv (runs recorded before it existed).</p>"),
         ("provenance", "Provenance",
          _html_table(["Row", "Runs", "Seeds", "Settings", "Suite commit", "Versions",
-                      "Device"], provenance_rows(runs)) if runs else "<p>No runs.</p>"),
+                      "Device"], provenance_rows(runs), kind="text") if runs else
+         "<p>No runs.</p>"),
     ]
     nav = "".join(f'<a href="#{key}">{_e(title)}</a>' for key, title, _ in sections)
     body = "".join(f'<h2 id="{key}">{_e(title)}</h2>\n{content}\n'

@@ -29,6 +29,7 @@ from benchmarks.archs import Pretrained, check_input_size, no_init, unset_tensor
 from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.device_policy import DevicePolicy, resolve_device
+from benchmarks.epoch_log import EpochLog
 from benchmarks.identity import (
     RunConflictError,
     check_resumable,
@@ -44,6 +45,7 @@ from benchmarks.protocols import Protocol, resolve_protocol
 from benchmarks.results import ResultsStore
 from benchmarks.seeding import seed_global, set_deterministic
 from benchmarks.store import ArtifactStore
+from benchmarks.trackers import TrackerSet
 from benchmarks.training import (
     DEFAULT_CHECKPOINT_EVERY,
     CheckpointPolicy,
@@ -87,6 +89,9 @@ class RunConfig:
     # Where phase checkpoints go (e.g. node-local scratch); None: the run folder's
     # checkpoints/. Runs sharing one directory each use <dir>/<run id>/.
     checkpoint_dir: str | None = None
+    # Experiment trackers (benchmarks.trackers: csv, tensorboard, wandb); not part of the
+    # run's identity: they only watch.
+    loggers: list[str] = field(default_factory=list)
 
 
 def build_benchmark(cfg: RunConfig) -> Benchmark:
@@ -186,15 +191,16 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
     rid = run_id(cfg, identity, {k: s.value for k, s in settings.items()})
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
-    with RunLock(results.dir):  # one writer per run folder, for the run's life
+    trackers = TrackerSet(cfg.loggers, results.dir, rid, identity)  # checked: no folder yet
+    with RunLock(results.dir), trackers:  # one writer per run folder, for the run's life
         return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
-                           policy, every, tasks)
+                           policy, every, tasks, trackers)
 
 
 def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],
                 protocol: Protocol, identity: dict[str, Any], rid: str, results: ResultsStore,
-                policy: DevicePolicy, every: CheckpointPolicy, tasks: tuple[TaskInfo, ...]
-                ) -> Path:
+                policy: DevicePolicy, every: CheckpointPolicy, tasks: tuple[TaskInfo, ...],
+                trackers: TrackerSet | None = None) -> Path:
     """The body of :func:`run`, under the run folder's lock."""
     device = policy.device
     try:
@@ -221,6 +227,7 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
     results.write_json("env.json", environment(device, cfg.deterministic)
                        | {"device_policy": policy.describe()})
     store = ArtifactStore(results.dir / "artifacts")
+    epochs = EpochLog(results.dir, method_cls.EPOCH_FIGURES, [trackers] if trackers else [])
 
     base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": cfg.method,
                 "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
@@ -236,7 +243,7 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         if not store.has_task(t):
             _learn_task(method, info, task, store, cfg, policy, protocol,
                         desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
-                        checkpoints=checkpoints, every=every)
+                        checkpoints=checkpoints, every=every, epochs=epochs)
         else:
             log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
         # The task is in the store: its phases' checkpoints are not needed now (also those a
@@ -255,6 +262,8 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
         # The task's own accuracy row goes last: its presence marks the task finished.
         rows.sort(key=lambda r: r["metric"] == "accuracy" and r["task"] == t)
         results.append([base_row | r for r in rows])
+        if trackers is not None:
+            trackers.task(t, rows)
         own = next(r["value"] for r in rows if r["metric"] == "accuracy" and r["task"] == t)
         mean = sum(r["value"] for r in rows if r["metric"] == "accuracy") / (t + 1)
         took.append(time.perf_counter() - task_started)
@@ -314,7 +323,8 @@ def _checkpoint_prefix(task: int) -> str:
 
 def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
                 policy: DevicePolicy, protocol: Protocol, desc: str,
-                checkpoints: Path, every: CheckpointPolicy) -> None:
+                checkpoints: Path, every: CheckpointPolicy, epochs: EpochLog | None = None
+                ) -> None:
     """Train task ``info`` and commit it to the store. Each training phase checkpoints as
     ``every`` says and after its last epoch; a resumed task replays its phases in order, and
     what a method does between them (PackNet's pruning, NWS's k-means pools) runs again on
@@ -327,11 +337,13 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
     prefix = _checkpoint_prefix(info.index)
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
+        n = next(calls)
         fit(m, method, proto, task.train, device=device, seed=cfg.seed, task=info.index,
             phase=phase, num_workers=cfg.num_workers, progress=cfg.progress,
             desc=f"{desc} [{phase}]", stats=stats,
-            checkpoint=checkpoints / f"{prefix}{next(calls)}-{phase}.pt",
-            checkpoint_every=every, policy=policy)
+            checkpoint=checkpoints / f"{prefix}{n}-{phase}.pt",
+            checkpoint_every=every, policy=policy,
+            recorder=epochs.phase(info.index, n, phase, method, m) if epochs else None)
 
     phase_fit(model, protocol, "train")
     method.finish_task(info, model, phase_fit)

@@ -67,6 +67,8 @@ class Method(ABC):
     # (docs/reproducibility.md, Run identity). An option added with a default that keeps
     # the old behaviour needs no bump: it changes no run id.
     rule_version: ClassVar[int] = 1
+    # Names of the per-epoch figures :meth:`epoch_figures` returns (columns of epochs.csv).
+    EPOCH_FIGURES: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: MethodContext) -> None:
         self.ctx = ctx
@@ -123,6 +125,16 @@ class Method(ABC):
 
     def finish_task(self, task: TaskInfo, model: nn.Module, fit: Fit) -> None:
         """Called once after the main training (prune + retrain, freezing, ...)."""
+
+    def epoch_state(self, model: nn.Module) -> Any:
+        """Called after each training epoch's first step (device ops only, no host read);
+        handed to :meth:`epoch_figures` after the epoch."""
+        return None
+
+    def epoch_figures(self, model: nn.Module, state: Any) -> dict[str, torch.Tensor]:
+        """Per-epoch figures named in :attr:`EPOCH_FIGURES`, as 0-d tensors on the device
+        (read once with the epoch's loss; never read them here). Only those it has."""
+        return {}
 
     # -- storage -------------------------------------------------------------------------
     @abstractmethod

@@ -237,6 +237,27 @@ class NWSMethod(Method):
             return None
         return nws.similarity_loss(model, float(self.opt["beta"]))
 
+    EPOCH_FIGURES = ("kernels_changed",)
+
+    def epoch_state(self, model: nn.Module) -> list[torch.Tensor] | None:
+        """Each NWS layer's pool indices of the epoch's first forward (None in a plain
+        phase)."""
+        layers = nws.nws_layers(model)
+        return [layer.last_index().clone() for layer in layers.values()] if layers else None
+
+    def epoch_figures(self, model: nn.Module, state: list[torch.Tensor] | None
+                      ) -> dict[str, torch.Tensor]:
+        """``kernels_changed``: the fraction of kernels (index entries) whose pool entry in
+        the epoch's last forward differs from the one in its first (device ops, read by the
+        caller; a kernel that changed and changed back within the epoch counts as
+        unchanged; both are the indices the forwards used: no search is added)."""
+        layers = nws.nws_layers(model)
+        if state is None or len(state) != len(layers):
+            return {}
+        now = [layer.last_index() for layer in layers.values()]
+        changed = torch.stack([(a != b).sum() for a, b in zip(now, state, strict=True)]).sum()
+        return {"kernels_changed": changed / sum(a.numel() for a in now)}
+
     def finish_task(self, task: TaskInfo, model: nn.Module, fit: Fit) -> None:
         if nws.nws_layers(model):
             return

@@ -31,6 +31,7 @@ from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
 from benchmarks.results import load_rows
+from benchmarks.trackers import check_trackers
 from benchmarks.training import (
     DEFAULT_CHECKPOINT_EVERY,
     CheckpointPolicy,
@@ -120,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
                    help="NWS search path (default: certificates on CPU, full elsewhere; "
                         "$NWS_SEARCH); they differ only on float32 near ties, and a run keeps "
                         "the path it started with")
+    r.add_argument("--logger", action="append", default=[], metavar="NAME",
+                   help="experiment tracker, repeatable: csv (always on: epochs.csv, rows.csv), "
+                        "tensorboard, wandb (offline unless WANDB_API_KEY is set); the last two "
+                        "need pip install 'nws-bench[track]'. Not part of the run's identity")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (CUDA graphs on CUDA); off by default "
                         "until measured on a GPU (README: On a GPU)")
@@ -191,6 +196,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
             raise ValueError(f"--{flag.replace('_', '-')} {folder} is a file; give a folder "
                              f"(it is created if missing)")
     CheckpointPolicy.parse(args.checkpoint_every)  # a sweep's jobs would all stop on it
+    loggers = check_trackers(args.logger)  # a missing extra: before any run folder
     overrides = _pairs(args.set, "--set")
     resolve_protocol(args.protocol, args.benchmark).with_overrides(**overrides)  # checks them
     bench_options = _pairs(args.bench_opt, "--bench-opt")
@@ -217,7 +223,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         # bars only on a terminal (tqdm writes to stderr); in logs one line per epoch
         progress=not args.no_progress and sys.stderr.isatty(),
         checkpoint_every=args.checkpoint_every, checkpoint_dir=args.checkpoint_dir,
-        compile=args.compile, search=args.search,
+        compile=args.compile, search=args.search, loggers=loggers,
     )
     return [RunConfig(method=name, seed=seed, method_options=chosen[name], **base)
             for seed in seeds for name in methods]

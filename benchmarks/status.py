@@ -7,7 +7,9 @@
 Each run is one of:
 
 - ``done``: every planned task has its accuracy row;
-- ``running``: a live process holds the run folder's lock (:mod:`benchmarks.lock`);
+- ``running``: a live process holds the run folder's lock (:mod:`benchmarks.lock`); with
+  the last epoch trained and its mean loss (``epochs.csv``, :mod:`benchmarks.epoch_log`),
+  also shown for ``partial`` runs;
 - ``partial``: a folder with fewer tasks learned than planned, and no live holder (killed,
   waiting for a requeue, or never launched again), with the time of its last progress (the
   newest of rows, checkpoints and store index);
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.epoch_log import FILE, read_epochs
 from benchmarks.lock import is_locked
 from benchmarks.results import COLUMNS, read_rows
 from benchmarks.sweep import Job, find_run_dir, sweep_dir
@@ -47,6 +50,7 @@ class RunStatus:
     mean_accuracy: float | None = None
     error: str | None = None
     log: str | None = None
+    last_epoch: dict | None = None  # the last row of epochs.csv (benchmarks.epoch_log)
 
     def line(self) -> str:
         parts = [f"{self.state:<8} {self.name}"]
@@ -54,6 +58,10 @@ class RunStatus:
             parts.append(f"{self.learned}/{self.planned} tasks")
         if self.mean_accuracy is not None:
             parts.append(f"mean acc {self.mean_accuracy:.1%}")
+        if self.last_epoch is not None and self.state in ("running", "partial"):
+            e = self.last_epoch
+            parts.append(f"task {int(e['task']) + 1} [{e['phase']}] epoch {int(e['epoch']) + 1}/"
+                         f"{int(e['epochs'])} loss {float(e['loss']):.4f}")
         if self.last_progress is not None and self.state != "done":
             parts.append("last progress " + time.strftime("%Y-%m-%d %H:%M:%S",
                                                           time.localtime(self.last_progress)))
@@ -84,7 +92,10 @@ def folder_progress(run_dir: Path) -> RunStatus:
         if status.learned:
             last = acc[acc.after_task == acc.after_task.max()]
             status.mean_accuracy = float(last.value.mean())
-    stamps = [p.stat().st_mtime for p in (rows_path, run_dir / "config.json",
+    epochs = read_epochs(run_dir)
+    if len(epochs):
+        status.last_epoch = epochs.iloc[-1].to_dict()
+    stamps = [p.stat().st_mtime for p in (rows_path, run_dir / "config.json", run_dir / FILE,
                                            run_dir / "artifacts" / "index.json") if p.exists()]
     stamps += [p.stat().st_mtime for p in (run_dir / "checkpoints").glob("*.pt")]
     status.last_progress = max(stamps, default=None)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
 from benchmarks.device_policy import DevicePolicy, compile_mode, compile_options
+from benchmarks.epoch_log import PhaseRecorder
 from benchmarks.loss_monitor import LossMonitor, LossReading
 from benchmarks.method import Method
 from benchmarks.protocols import Protocol
@@ -382,7 +383,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
         device: torch.device, seed: int, task: int, phase: str, num_workers: int = 0,
         progress: bool = True, desc: str = "", stats: FitStats | None = None,
         checkpoint: Path | None = None, checkpoint_every: CheckpointPolicy | None = None,
-        policy: DevicePolicy | None = None) -> FitStats:
+        policy: DevicePolicy | None = None, recorder: PhaseRecorder | None = None
+        ) -> FitStats:
     """Train ``model`` on ``dataset`` for ``protocol.epochs`` epochs (one phase of a task).
 
     ``checkpoint``: the model, optimiser, schedule, loss scaler, statistics and RNG state are
@@ -398,6 +400,9 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
     there (:mod:`benchmarks.data.batches`); other data sets go through a DataLoader.
     ``protocol.drop_last`` decides the last partial batch (a batch of one image is always
     dropped: BatchNorm cannot train on it); kept, it is the one batch of another size.
+
+    ``recorder``: per-epoch records (:mod:`benchmarks.epoch_log`): called around each epoch
+    and given each step's loss on the device; it reads once per epoch, after the epoch's wait.
     """
     stats = stats if stats is not None else FitStats()
     policy = policy if policy is not None else DevicePolicy.for_device(device)
@@ -418,6 +423,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                mininterval=0.5)
     start = saved_at = time.perf_counter()
     saved_epoch = first
+    if recorder is not None:
+        recorder.start(first, protocol.epochs, per_epoch, device)
     monitor = LossMonitor(device)  # loss read back without waiting for the device
 
     def report(reading: LossReading | None, epoch: int) -> LossReading | None:
@@ -431,6 +438,8 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
     for epoch in range(first, protocol.epochs):
         batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
                                  num_workers, policy.pin_memory)
+        if recorder is not None:
+            recorder.begin(epoch)
         for i, (x, y) in enumerate(batches):
             if i >= per_epoch:
                 break
@@ -439,10 +448,14 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                 trainer.sched.step()
             running = loss if running is None else 0.9 * running + 0.1 * loss
             stats.steps += 1
+            if recorder is not None:
+                recorder.step(i, loss, y)
             report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1,
                                  nonfinite=trainer.nonfinite_peak), epoch)
             bar.update(1)
         last_step = report(monitor.settle(), epoch)  # the one wait of an epoch: its last step
+        if recorder is not None:
+            recorder.end(epoch, trainer.opt.param_groups[0]["lr"])
         if not trainer.sched_per_step:
             trainer.sched.step()
         if not progress:  # no bar (e.g. output to a log): one line per epoch instead

@@ -43,6 +43,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
+from benchmarks.atomic import atomic_path, atomic_write_text
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
 FORMATS = ("png", "pdf")
@@ -54,10 +55,10 @@ def _style() -> None:
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.{ext}" for ext in FORMATS]
     for p in paths:
-        fig.savefig(p)
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format=p.suffix[1:])
     plt.close(fig)
     return paths
 
@@ -112,8 +113,7 @@ def figure4(runs: list[Run], out: Path, name: str) -> list[Path]:
     df = kernel_frame(runs)
     if df.empty:
         return []
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{name}.csv", index=False)  # the numbers behind the heatmaps
+    atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))  # numbers of the heatmaps
     mean = df.groupby(["order", "layer", "task"], as_index=False)[["kur", "layer_sparsity"]].mean()
     layers = mean.drop_duplicates("order").sort_values("order")
     labels = [f"{i + 1}" for i in range(len(layers))]

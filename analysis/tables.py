@@ -52,6 +52,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
+from benchmarks.atomic import atomic_write_text
 from benchmarks.methods import METHODS
 
 PAPER_ARCH = "resnet18"
@@ -105,11 +106,10 @@ def to_latex(t: Table) -> str:
 
 
 def write(t: Table, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{t.name}.md", out / f"{t.name}.csv", out / f"{t.name}.tex"]
-    paths[0].write_text(to_markdown(t))
-    t.data.to_csv(paths[1], index=False)
-    paths[2].write_text(to_latex(t))
+    atomic_write_text(paths[0], to_markdown(t))
+    atomic_write_text(paths[1], t.data.to_csv(index=False))
+    atomic_write_text(paths[2], to_latex(t))
     return paths
 
 

@@ -211,9 +211,29 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
     rid = run_id(cfg, identity)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
+    if _finished(results, identity, tasks):  # read only: no lock, no write (read-only disks)
+        print(f"[{cfg.method} s{cfg.seed}] all {len(tasks)} tasks done in {results.dir}: "
+              f"nothing to do", flush=True)
+        return results.dir
     with RunLock(results.dir):  # one writer per run folder, for the run's life
         return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
                            policy, every, tasks)
+
+
+def _finished(results: ResultsStore, identity: dict[str, Any],
+              tasks: tuple[TaskInfo, ...]) -> bool:
+    """Whether the folder holds this very run (:func:`check_resumable`) with every task's own
+    accuracy row: then there is nothing to do and nothing to write, so the run needs no lock
+    (a finished run on a read-only disk reports itself done). Anything unreadable is False:
+    the locked path reports it."""
+    try:
+        previous = results.read_json("config.json")
+        if not isinstance(previous, dict) or not isinstance(previous.get("identity"), dict):
+            return False
+        check_resumable(results.dir, previous["identity"], identity)
+        return {t.index for t in tasks} <= results.finished_tasks()
+    except (OSError, ValueError, RunConflictError):
+        return False
 
 
 def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],

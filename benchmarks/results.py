@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.store import atomic_write_text
+from benchmarks.atomic import atomic_write_text, storage_error
 
 TIMING_METRICS = ("train_seconds", "task_seconds")
 COLUMNS = [
@@ -63,7 +63,10 @@ def read_rows(path: Path) -> pd.DataFrame:
 class ResultsStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(self.dir, err, "cannot create the run folder") from err
         self.rows_path = self.dir / "rows.csv"
 
     def rows(self) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.archs import ARCHS, WeightsUnavailableError
+from benchmarks.atomic import StorageError
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
 from benchmarks.device_policy import SEARCH_PATHS
 from benchmarks.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
@@ -38,7 +39,7 @@ from benchmarks.training import (
 DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
 # What stops a run with a message (exit 2) rather than a traceback.
 CLI_ERRORS = (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
-              RunLockedError, TrainingDivergedError, ValueError)
+              RunLockedError, TrainingDivergedError, ValueError, StorageError)
 RUN_FLAGS = "run"  # title of the parser group whose flags each job of a sweep gets
 
 

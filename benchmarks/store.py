@@ -16,7 +16,6 @@ payload bytes the index names; the index itself is bookkeeping, reported as
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,24 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.atomic import atomic_write_bytes, atomic_write_text
 from benchmarks.breakdown import Breakdown
 
 SHARED = "shared"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 @dataclass

@@ -22,8 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks.atomic import atomic_write_text
 from benchmarks.lock import RunLockedError
-from benchmarks.store import atomic_write_text
 from benchmarks.sweep import Job, find_run_dir, sweep_dir
 
 

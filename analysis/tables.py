@@ -43,6 +43,7 @@ from analysis.metrics import (
 from analysis.paper import load_paper, paper_value
 from analysis.runs import (
     VARIANTS,
+    LeftOut,
     Run,
     display_label,
     load_runs,
@@ -125,6 +126,7 @@ class Group:
     runs: list[Run]
     paper: pd.DataFrame
     results: Path
+    left_out: list[LeftOut] = field(default_factory=list)  # damaged runs of this group
     _memory: dict[str, dict[str, MethodMemory]] = field(default_factory=dict)
 
     @functools.cached_property
@@ -391,19 +393,28 @@ def _memory_notes(g: Group, arch: str) -> list[str]:
 def build_tables(results: str | Path, benchmark: str | None = None,
                  protocol: str | None = None) -> tuple[list[Table], list[str]]:
     """Every table for the selected runs, and messages about what could not be shown."""
-    runs = select(load_runs(results), benchmark=benchmark, protocol=protocol)
+    left_out: list[LeftOut] = []
+    runs = select(load_runs(results, left_out), benchmark=benchmark, protocol=protocol)
+    left_out = [x for x in left_out if x.run is None or select([x.run], benchmark=benchmark,
+                                                                protocol=protocol)]
+    messages = [f"{x.dir}: {x.line()}" for x in left_out]
     if not runs:
         what = " ".join(f"{k} {v}" for k, v in (("benchmark", benchmark),
                                                ("protocol", protocol)) if v)
-        return [], [f"no runs{' for ' + what if what else ''} under {results}: nothing to show"]
+        return [], [*messages,
+                    f"no runs{' for ' + what if what else ''} under {results}: nothing to show"]
     paper = load_paper()
     tables = []
     keys = sorted({(r.benchmark, r.protocol) for r in runs})
     for b, p in keys:
-        g = Group(b, p, select(runs, benchmark=b, protocol=p), paper, Path(results))
-        tables += [t for t in (table1(g), table2(g), table3(g), pairs_table(g), bits_table(g))
-                   if t is not None]
-    return tables, []
+        g = Group(b, p, select(runs, benchmark=b, protocol=p), paper, Path(results),
+                  [x for x in left_out if x.run is not None and select([x.run], benchmark=b,
+                                                                        protocol=p)])
+        for t in (table1(g), table2(g), table3(g)):  # damaged runs: named, never averaged
+            t.notes += [x.line() for x in g.left_out]
+            tables.append(t)
+        tables += [t for t in (pairs_table(g), bits_table(g)) if t is not None]
+    return tables, messages
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,12 @@ import pandas as pd
 
 from benchmarks.atomic import atomic_write_text, storage_error
 
+log = logging.getLogger(__name__)
+
 TIMING_METRICS = ("train_seconds", "task_seconds")
+# What makes a config.json a run's (the harness writes them all): a folder whose config.json
+# has none of them is another tool's folder, not a damaged run.
+RUN_CONFIG_KEYS = ("identity", "run_id", "tasks")
 COLUMNS = [
     "run_id", "benchmark", "method", "arch", "protocol", "seed", "synthetic",
     "task", "task_name", "after_task", "metric", "value",
@@ -58,6 +64,54 @@ def read_rows(path: Path) -> pd.DataFrame:
     raise ValueError(f"{path} is damaged ({why}); the stored tasks in artifacts/ are intact: "
                      f"delete {path.name} and launch again to evaluate them again (no "
                      f"retraining)")
+
+
+class NotARunError(ValueError):
+    """A folder whose ``config.json`` is another tool's (no run's keys, no rows.csv)."""
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's ``config.json`` (None when absent), checked to be a run's: a dict with
+    some of :data:`RUN_CONFIG_KEYS`, each of the type the harness writes. Raises
+    :class:`NotARunError` for another tool's file (none of those keys, no ``rows.csv`` beside
+    it), ``ValueError`` naming the file and why for a damaged one."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({type(err).__name__}: {err})") from err
+    kind = type(config).__name__
+    if not isinstance(config, dict) or not set(RUN_CONFIG_KEYS) & set(config):
+        if not (path.parent / "rows.csv").exists():
+            raise NotARunError(f"{path} is not a run's configuration (a JSON {kind} without "
+                               f"{', '.join(RUN_CONFIG_KEYS)}): another tool's folder?")
+        raise ValueError(f"{path} is not a run's configuration (a JSON {kind}) although "
+                         f"rows.csv is beside it")
+    types = {"identity": dict, "run_id": str, "tasks": list}
+    wrong = [k for k, t in types.items() if k in config and not isinstance(config[k], t)]
+    if wrong:
+        raise ValueError(f"{path} is damaged: {wrong} not of the types a run writes "
+                         f"({', '.join(f'{k}: {types[k].__name__}' for k in wrong)})")
+    return config
+
+
+def rows_damage(rows: pd.DataFrame) -> str | None:
+    """Why a run's rows cannot be averaged as results, or None: an accuracy that is not a
+    number in [0, 1] (a NaN from a broken evaluation). Such a run is reported damaged by
+    ``benchmarks.status`` and left out of every mean by the analysis, never averaged over the
+    tasks that remain."""
+    acc = rows[rows.metric == "accuracy"]
+    values = pd.to_numeric(acc.value, errors="coerce")
+    bad = acc[~values.between(0, 1)]
+    if bad.empty:
+        return None
+    where = [f"task {t} after task {a}: {v}" for t, a, v in
+             zip(bad.task, bad.after_task, bad.value, strict=True)]
+    more = f" (+{len(where) - 3} more)" if len(where) > 3 else ""
+    return (f"accuracy not a number in [0, 1] ({'; '.join(where[:3])}{more}); delete rows.csv "
+            f"and launch again to evaluate the stored tasks again")
 
 
 class ResultsStore:
@@ -95,8 +149,15 @@ class ResultsStore:
 
 
 def load_rows(path: str | Path) -> pd.DataFrame:
-    """All rows under ``path``: one run dir, or a folder holding run dirs (recursively)."""
+    """All rows under ``path``: one run dir (a damaged rows.csv raises ``ValueError``), or a
+    folder holding run dirs (recursively; a damaged rows.csv is left out with a warning)."""
     path = Path(path)
-    files = [path / "rows.csv"] if (path / "rows.csv").exists() else sorted(path.rglob("rows.csv"))
-    frames = [pd.read_csv(f) for f in files]
+    if (path / "rows.csv").exists():
+        return read_rows(path / "rows.csv")
+    frames = []
+    for f in sorted(path.rglob("rows.csv")):
+        try:
+            frames.append(read_rows(f))
+        except ValueError as err:
+            log.warning("left out: %s", err)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)

@@ -143,6 +143,8 @@ def _record_problem(record: dict) -> str | None:
     None."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not a job record"
+    if "damaged" in record:
+        return str(record["damaged"])
     if record.get("state") not in JOB_STATES:
         return f"state {record.get('state')!r} is none of {JOB_STATES}"
     if not isinstance(record.get("ended"), int | float):
@@ -169,9 +171,9 @@ def _json_or_none(path: Path) -> dict | None:
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        return {"state": f"unreadable {path.name} ({type(err).__name__})"}
-    return record if isinstance(record, dict) else {"state": f"{path.name} is a JSON "
-                                                             f"{type(record).__name__}"}
+        return {"damaged": f"unreadable {path.name} ({type(err).__name__})"}
+    return record if isinstance(record, dict) else {"damaged": f"{path.name} is a JSON "
+                                                               f"{type(record).__name__}"}
 
 
 def folder_statuses(out: str | Path) -> list[RunStatus]:

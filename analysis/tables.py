@@ -53,7 +53,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
-from benchmarks.atomic import atomic_write_text
+from benchmarks.atomic import StorageError, atomic_write_text
 from benchmarks.methods import METHODS
 
 PAPER_ARCH = "resnet18"
@@ -429,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in messages:
         print(m)
     for t in tables:
-        paths = write(t, Path(args.out))
+        try:
+            paths = write(t, Path(args.out))
+        except StorageError as err:  # a full or read-only disk: the file and what to do
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"{t.caption}\n  -> {', '.join(str(x) for x in paths)}")
         for n in t.notes:
             print(f"  {n}")

@@ -101,3 +101,22 @@ def test_a_finished_run_on_a_read_only_disk_reports_done_without_its_lock(tmp_pa
     assert cli.main([*RUN, "--seeds", "4", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "run.lock" in err and "read-only" in err and "Traceback" not in err
+
+
+def test_tables_on_a_full_disk_exit_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from analysis import tables
+    from benchmarks.results import COLUMNS
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    base = {"run_id": "r", "benchmark": "synthetic", "method": "finetune", "arch": "resnet18",
+            "protocol": "smoke", "seed": 1, "synthetic": True}
+    pd.DataFrame([base | {"task": 0, "task_name": "t0", "after_task": 0, "metric": "accuracy",
+                          "value": 0.5}], columns=COLUMNS).to_csv(run / "rows.csv", index=False)
+    _failing_fsync(monkeypatch, at=1)
+    out = tmp_path / "tables"
+    assert tables.main(["--results", str(tmp_path / "runs"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and str(out) in err and _leftovers(out) == []

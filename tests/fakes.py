@@ -61,8 +61,19 @@ def write_image_folder(root: Path, classes: list[str], n: int = 1, size: int = 8
 # convolution is 4x cheaper than at the benchmark's default 32. Measured on the 2-core dev
 # machine: Finetune 48 -> 27 s, KSM 97 -> 64 s, PackNet 124 -> 86 s, NWS 74 -> 80 s (its
 # cost is the weight search, not the convolutions). AQD stays at 32: its 2-bit activations
-# lose too much at 16 (task digits_23 reached 89.2% against the 90% its test asks).
+# lose too much at 16 (task digits_23 reached 89.2%; the mini's last task 76.3%).
 DIGITS_TEST_SIZE = 16
+
+# The "learns split_digits" bar (issue 21, item 1): every task's accuracy from the store is
+# at least LEARNS_BAR. A task has two classes, so chance is 0.50 and a model that learned
+# nothing fails; the bar sits far below every value measured, because those values move with
+# the CPU: another instruction set or thread count sums floats in another order, and a few
+# epochs from scratch then end elsewhere (on an AVX2-only AMD EPYC with 2 cores Finetune's
+# digits_23 reached 88.3% against this machine's 96.7%; the old bar of 0.90 failed there).
+# Each test says what was measured for it: the lowest task accuracy from the store, per run,
+# over seeds x ATEN_CPU_CAPABILITY {avx2, default} x torch threads {1, 2}, measured
+# 2026-12-03 on the project's 2-core AMD EPYC dev machine (AVX-512) under load.
+LEARNS_BAR = 0.75
 
 
 def learn_split_digits(method: str, out: Path, num_tasks: int = 5,

@@ -29,7 +29,7 @@ from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
-from benchmarks.results import load_rows
+from benchmarks.results import load_rows, rows_damage
 from benchmarks.training import (
     DEFAULT_CHECKPOINT_EVERY,
     CheckpointPolicy,
@@ -143,7 +143,10 @@ def summarise(run_dirs: list[Path]) -> str:
     df = df[df.run_id.isin([d.name for d in run_dirs])]
     last = df.groupby("run_id").after_task.transform("max")
     final = df[(df.metric == "accuracy") & (df.after_task == last)]
-    acc = final.groupby(["method", "seed"]).value.mean().groupby("method").agg(["mean", "std"])
+    # a NaN accuracy makes its run's and method's means NaN, never a mean of the other tasks
+    acc = final.groupby(["method", "seed"]).value.agg(lambda v: v.mean(skipna=False))
+    acc = acc.groupby("method").agg([lambda v: v.mean(skipna=False), "std"])
+    acc.columns = ["mean", "std"]
     mem = df[(df.metric == "store_bytes") & (df.after_task == last)]
     mem = mem.groupby("method").value.mean() / MIB
     lines = [f"{'method':<12} {'avg acc':>9} {'± std':>7} {'stored MiB':>11}"]
@@ -151,6 +154,10 @@ def summarise(run_dirs: list[Path]) -> str:
         std = acc.loc[m, "std"]
         lines.append(f"{m:<12} {acc.loc[m, 'mean']:>9.2%} "
                      f"{'' if std != std else f'{std:.2%}':>7} {mem.get(m, float('nan')):>11.2f}")
+    for run_id, rows in df.groupby("run_id"):
+        damage = rows_damage(rows)
+        if damage:
+            lines.append(f"damaged: {run_id}: {damage}")
     return "\n".join(lines)
 
 

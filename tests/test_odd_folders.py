@@ -137,3 +137,11 @@ def test_load_rows_of_a_folder_leaves_a_damaged_rows_csv_out(results, caplog):
     with caplog.at_level(logging.WARNING):
         rows = load_rows(results)
     assert set(rows.seed) == {1, 2} and "a-list" in caplog.text
+
+
+def test_the_run_summary_never_averages_a_nan_run(results):
+    from benchmarks.run import summarise
+
+    text = summarise(sorted(p for p in results.iterdir() if (p / "rows.csv").exists()))
+    assert "finetune" in text and "nan%" in text.splitlines()[1]  # not 80.0% or 65.0%
+    assert f"damaged: {BENCH}-finetune-resnet18-paper-s2-test: accuracy not a number" in text

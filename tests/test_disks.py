@@ -102,6 +102,18 @@ def test_a_finished_run_on_a_read_only_disk_reports_done_without_its_lock(tmp_pa
     err = capsys.readouterr().err
     assert "run.lock" in err and "read-only" in err and "Traceback" not in err
 
+    # the same finished run as a launcher's job: done, its record not writable is a warning
+    from benchmarks.launch import plan_jobs
+    from benchmarks.launch.job import run_job
+
+    monkeypatch.setattr(atomic, "temporary_path", lambda path: path.with_name(".t.tmp"))
+    monkeypatch.setattr(os, "fsync", read_only)
+    parser = cli.parser()
+    (job,) = plan_jobs(parser, parser.parse_args([*RUN, "--out", str(tmp_path)]))
+    assert run_job(job, tmp_path) == 0
+    err = capsys.readouterr().err
+    assert "job record" in err and "read-only" in err and _leftovers(tmp_path) == []
+
 
 def test_tables_on_a_full_disk_exit_2_naming_the_file(tmp_path, monkeypatch, capsys):
     import pandas as pd

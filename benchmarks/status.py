@@ -82,7 +82,10 @@ def folder_progress(run_dir: Path) -> RunStatus:
     status = RunStatus(run_dir.name, "partial", run_dir)
     try:
         config = read_run_config(run_dir)
-        status.planned = len(config["tasks"]) if config is not None else None
+        status.planned = len(config["tasks"]) if config and "tasks" in config else None
+        if config is not None and status.planned is None:  # never done: not "partial" forever
+            raise ValueError(f"{run_dir / 'config.json'} has no 'tasks': the planned tasks "
+                             f"are unknown")
     except NotARunError as err:
         status.state, status.error = "not-run", str(err)
         return status

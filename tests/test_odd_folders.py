@@ -91,6 +91,7 @@ def test_damaged_files_and_job_records_are_named_never_a_traceback(tmp_path, cap
     _write_run(root, "nws", 1, [0.9, 0.8], config="{not json")
     _write_run(root, "nws", 2, [0.9, 0.8], config=[{"tasks": 2}])  # a list beside rows.csv
     _write_run(root, "nws", 3, [0.9, 0.8], config={"run_id": 3, "tasks": 2})  # wrong types
+    _write_run(root, "nws", 6, [0.9, 0.8], config={"identity": {}})  # planned tasks unknown
     cut = _write_run(root, "nws", 4, [0.9], planned=2)
     (cut / "job.json").write_text(json.dumps({"key": "nws-4", "state": "failed"}))  # no end
     listed = _write_run(root, "nws", 5, [0.9, 0.8])
@@ -108,7 +109,9 @@ def test_damaged_files_and_job_records_are_named_never_a_traceback(tmp_path, cap
     assert lines[name.format(3)].startswith("damaged") and "run_id: str" in lines[name.format(3)]
     assert lines[name.format(4)].startswith("partial") and "no end time" in lines[name.format(4)]
     assert lines[name.format(5)].startswith("done") and "a JSON list" in lines[name.format(5)]
-    assert lines["_summary"] == "1 done, 1 partial, 3 damaged"
+    assert lines[name.format(6)].startswith("damaged") and "has no 'tasks'" in (
+        lines[name.format(6)])
+    assert lines["_summary"] == "1 done, 1 partial, 4 damaged"
     assert find_run_dir(root, Job("k", "nws", 2, {"method": "nws", "seed": 2}, ())) is None
 
 

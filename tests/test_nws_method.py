@@ -48,7 +48,8 @@ def _method(store: ArtifactStore, folder) -> NWSMethod:
 @pytest.mark.slow
 def test_nws_learns_every_digits_task_from_the_store(digits_run) -> None:
     """Every task >= LEARNS_BAR (0.75, tests/fakes.py), at the benchmark's 24 px. Lowest
-    task per run, measured 2026-12-03 (seed / ATEN_CPU_CAPABILITY / threads): NWS_MEASURED"""
+    task per run, measured 2026-12-03 (seed / ATEN_CPU_CAPABILITY / threads): 95.8%
+    (1993/avx2/1)."""
     _, rows, _ = digits_run
     acc = rows[rows.metric == "accuracy"]
     final = acc[acc.after_task == acc.after_task.max()].set_index("task").value

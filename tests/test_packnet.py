@@ -111,7 +111,8 @@ def digits_run(tmp_path_factory):
 @pytest.mark.slow
 def test_learns_split_digits_without_forgetting(digits_run):
     """Every task >= LEARNS_BAR (0.75, tests/fakes.py). Lowest task per run, measured
-    2026-12-03 (seed / ATEN_CPU_CAPABILITY / threads): PACKNET_MEASURED"""
+    2026-12-03 (seed / ATEN_CPU_CAPABILITY / threads): 99.2%
+    (1993/avx2/1)."""
     df = load_rows(digits_run)
     acc = df[df.metric == "accuracy"]
     final = acc[acc.after_task == DIGITS_TASKS - 1].set_index("task").value

@@ -65,7 +65,10 @@ def _cached(root: Path):
                 memo.call_and_shelve(data, passes).clear()
             except OSError:
                 return _lzma_size(data, passes)
-        return memo(data, passes)
+        try:
+            return memo(data, passes)
+        except OSError:  # the cache's disk filled up or became read-only: compute it plainly
+            return _lzma_size(data, passes)
 
     return size
 

@@ -37,6 +37,7 @@ from matplotlib.lines import Line2D
 from analysis.memory import growth, memory_report, mib
 from analysis.metrics import accuracy_matrix, final_accuracies, layer_stats
 from analysis.runs import (
+    LeftOut,
     Run,
     display_label,
     is_default,
@@ -47,6 +48,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
+from benchmarks.atomic import StorageError, atomic_path, atomic_write_text
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
 FORMATS = ("png", "pdf")
@@ -58,10 +60,10 @@ def _style() -> None:
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.{ext}" for ext in FORMATS]
     for p in paths:
-        fig.savefig(p)
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format=p.suffix[1:])
     plt.close(fig)
     return paths
 
@@ -130,8 +132,7 @@ def figure4(runs: list[Run], out: Path, name: str, what: str = "") -> list[Path]
     df = kernel_frame(runs)
     if df.empty:
         return []
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / f"{name}.csv", index=False)  # the numbers behind the heatmaps
+    atomic_write_text(out / f"{name}.csv", df.to_csv(index=False))  # numbers of the heatmaps
     mean = df.groupby(["order", "layer", "task"], as_index=False)[["kur", "layer_sparsity"]].mean()
     layers = mean.drop_duplicates("order").sort_values("order")
     labels = [f"{i + 1}" for i in range(len(layers))]
@@ -230,11 +231,13 @@ def build_figures(results: str | Path, out: str | Path, benchmark: str | None = 
     """Draw every figure; returns the files written and messages about what was not drawn."""
     _style()
     out, results = Path(out), Path(results)
-    runs = select(load_runs(results), benchmark=benchmark, protocol=protocol)
+    left_out: list[LeftOut] = []
+    runs = select(load_runs(results, left_out), benchmark=benchmark, protocol=protocol)
+    skipped = [f"{x.dir}: {x.line()}" for x in left_out]
     if not runs:
-        return [], [f"no runs{' for benchmark ' + benchmark if benchmark else ''} under "
-                    f"{results}: nothing to show"]
-    files, messages = [], []
+        return [], [*skipped, f"no runs{' for benchmark ' + benchmark if benchmark else ''} "
+                              f"under {results}: nothing to show"]
+    files, messages = [], skipped
     for b in sorted({r.benchmark for r in runs}):
         b_runs = select(runs, benchmark=b)
         for arch in sorted({r.arch for r in b_runs}):
@@ -254,7 +257,11 @@ def build_figures(results: str | Path, out: str | Path, benchmark: str | None = 
 def main(argv: list[str] | None = None) -> int:
     args = results_parser("python -m analysis.figures", __doc__,
                           "results/figures").parse_args(argv)
-    files, messages = build_figures(args.results, args.out, args.benchmark, args.protocol)
+    try:
+        files, messages = build_figures(args.results, args.out, args.benchmark, args.protocol)
+    except StorageError as err:  # a full or read-only disk: the file and what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for m in messages:
         print(m)
     for f in files:

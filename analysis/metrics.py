@@ -70,9 +70,10 @@ def per_seed(rows: pd.DataFrame) -> pd.DataFrame:
             continue
         f = forgetting(m)
         first = g.iloc[0]
+        complete = bool(g[g.metric == "accuracy"].value.notna().all())  # a NaN: no average
         out.append({**{k: first[k] for k in RUN_KEYS}, "run_id": run_id,
                     "seed": int(first.seed), "tasks": int(m.index[-1]) + 1,
-                    "avg_accuracy": float(final_accuracies(g).mean()),
+                    "avg_accuracy": float(final_accuracies(g).mean()) if complete else math.nan,
                     "avg_forgetting": float(f.mean()) if len(f) else math.nan,
                     "max_forgetting": float(f.max()) if len(f) else math.nan})
     return pd.DataFrame(out, columns=[*RUN_KEYS, "run_id", "seed", "tasks", "avg_accuracy",

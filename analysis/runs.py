@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import pandas as pd
 from analysis.counts import class_counts
 from analysis.identity import Member, assign_labels, dedupe
 from benchmarks.methods import METHODS
+from benchmarks.results import NotARunError, read_rows, read_run_config, rows_damage
 from benchmarks.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,28 @@ class Run:
         return ArtifactStore(path, readonly=True) if (path / "index.json").exists() else None
 
 
-def load_runs(results: str | Path) -> list[Run]:
+@dataclass(frozen=True)
+class LeftOut:
+    """A folder :func:`load_runs` left out, and why; ``run`` when its rows could be read (a
+    run with a NaN accuracy: tables name it under its method and seed)."""
+
+    dir: Path
+    why: str
+    run: Run | None = None
+
+    def line(self) -> str:
+        who = (f"{self.run.method}/{self.run.arch} seed {self.run.seed}: "
+               if self.run is not None else "")
+        return f"{who}left out, damaged: {self.why}"
+
+
+def load_runs(results: str | Path, left_out: list[LeftOut] | None = None) -> list[Run]:
     """Every run folder under ``results`` (a run folder itself, or a folder of them),
-    labelled by experiment, one per (experiment, seed) (module doc)."""
+    labelled by experiment, one per (experiment, seed) (module doc). A folder that is not a
+    run (another tool's ``config.json``) is skipped; a damaged one (its ``config.json`` or
+    ``rows.csv`` unreadable, an accuracy not a number in [0, 1]) is left out with a warning
+    and appended to ``left_out``: one bad folder never stops the rest, and no mean is taken
+    over the tasks of a run that remain."""
     results = Path(results)
     if not results.exists():
         return []
@@ -171,12 +190,28 @@ def load_runs(results: str | Path) -> list[Run]:
              else sorted(results.rglob("rows.csv")))
     runs = []
     for f in files:
-        rows = pd.read_csv(f)
+        try:
+            cfg = read_run_config(f.parent)
+            rows = read_rows(f)
+        except NotARunError as err:
+            log.info("skipped: %s", err)
+            continue
+        except ValueError as err:
+            log.warning("run folder %s left out: %s", f.parent, err)
+            if left_out is not None:
+                left_out.append(LeftOut(f.parent, str(err)))
+            continue
         if rows.empty:
             continue
-        cfg_path = f.parent / "config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-        runs.append(Run(f.parent, rows, cfg, registered=str(rows["method"].iloc[0])))
+        registered = str(rows["method"].iloc[0])
+        damage = rows_damage(rows)
+        if damage:
+            log.warning("run folder %s left out: %s: %s", f.parent, f, damage)
+            if left_out is not None:
+                left_out.append(LeftOut(f.parent, f"{f}: {damage}",
+                                        Run(f.parent, rows, cfg, registered=registered)))
+            continue
+        runs.append(Run(f.parent, rows, cfg, registered=registered))
     return label_runs(runs)
 
 

@@ -49,6 +49,7 @@ from analysis.metrics import (
 )
 from analysis.paper import load_paper, paper_value
 from analysis.runs import (
+    LeftOut,
     Run,
     display_label,
     is_default,
@@ -61,6 +62,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
+from benchmarks.atomic import StorageError, atomic_write_text
 from benchmarks.methods import METHODS
 
 PAPER_ARCH = "resnet18"
@@ -114,11 +116,10 @@ def to_latex(t: Table) -> str:
 
 
 def write(t: Table, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{t.name}.md", out / f"{t.name}.csv", out / f"{t.name}.tex"]
-    paths[0].write_text(to_markdown(t))
-    t.data.to_csv(paths[1], index=False)
-    paths[2].write_text(to_latex(t))
+    atomic_write_text(paths[0], to_markdown(t))
+    atomic_write_text(paths[1], t.data.to_csv(index=False))
+    atomic_write_text(paths[2], to_latex(t))
     return paths
 
 
@@ -134,6 +135,7 @@ class Group:
     runs: list[Run]
     paper: pd.DataFrame
     results: Path
+    left_out: list[LeftOut] = field(default_factory=list)  # damaged runs of this group
     _memory: dict[str, dict[str, MethodMemory]] = field(default_factory=dict)
 
     @functools.cached_property
@@ -439,19 +441,28 @@ def _memory_notes(g: Group, arch: str) -> list[str]:
 def build_tables(results: str | Path, benchmark: str | None = None,
                  protocol: str | None = None) -> tuple[list[Table], list[str]]:
     """Every table for the selected runs, and messages about what could not be shown."""
-    runs = select(load_runs(results), benchmark=benchmark, protocol=protocol)
+    left_out: list[LeftOut] = []
+    runs = select(load_runs(results, left_out), benchmark=benchmark, protocol=protocol)
+    left_out = [x for x in left_out if x.run is None or select([x.run], benchmark=benchmark,
+                                                                protocol=protocol)]
+    messages = [f"{x.dir}: {x.line()}" for x in left_out]
     if not runs:
         what = " ".join(f"{k} {v}" for k, v in (("benchmark", benchmark),
                                                ("protocol", protocol)) if v)
-        return [], [f"no runs{' for ' + what if what else ''} under {results}: nothing to show"]
+        return [], [*messages,
+                    f"no runs{' for ' + what if what else ''} under {results}: nothing to show"]
     paper = load_paper()
     tables = []
     keys = sorted({(r.benchmark, r.protocol) for r in runs})
     for b, p in keys:
-        g = Group(b, p, select(runs, benchmark=b, protocol=p), paper, Path(results))
-        tables += [t for t in (table1(g), table2(g), table3(g), pairs_table(g), bits_table(g))
-                   if t is not None]
-    return tables, []
+        g = Group(b, p, select(runs, benchmark=b, protocol=p), paper, Path(results),
+                  [x for x in left_out if x.run is not None and select([x.run], benchmark=b,
+                                                                        protocol=p)])
+        for t in (table1(g), table2(g), table3(g)):  # damaged runs: named, never averaged
+            t.notes += [x.line() for x in g.left_out]
+            tables.append(t)
+        tables += [t for t in (pairs_table(g), bits_table(g)) if t is not None]
+    return tables, messages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,7 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in messages:
         print(m)
     for t in tables:
-        paths = write(t, Path(args.out))
+        try:
+            paths = write(t, Path(args.out))
+        except StorageError as err:  # a full or read-only disk: the file and what to do
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"{t.caption}\n  -> {', '.join(str(x) for x in paths)}")
         for n in t.notes:
             print(f"  {n}")

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.atomic import atomic_write_text
 from benchmarks.methods import METHODS
 from benchmarks.opcount import OpCounter
 from benchmarks.profile import (
@@ -291,8 +292,8 @@ def check_resume(report: Report, device: torch.device, out: Path, *, size: int,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        if any(not f.name.endswith(".tmp") for f in folder.glob("killed/*/checkpoints/*")):
-            break  # a complete checkpoint (written to .tmp, then renamed)
+        if any(not f.name.startswith(".") for f in folder.glob("killed/*/checkpoints/*")):
+            break  # a complete checkpoint (written under a hidden name, then renamed)
         time.sleep(0.02)
     if proc.poll() is not None:
         err = proc.stderr.read().decode(errors="replace")[-500:] if proc.stderr else ""
@@ -472,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_check()
         if report.timings:
             print("\n" + table(report, args.batch, args.size))
-        (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
+        atomic_write_text(out / "report.json", json.dumps(asdict(report), indent=1))
     failed = [c.name for c in report.checks if c.status == "FAIL"]
     print(f"\n{len(report.checks) - len(failed)} of {len(report.checks)} checks passed"
           + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -189,12 +189,34 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     every = CheckpointPolicy.parse(cfg.checkpoint_every)
     identity = run_identity(cfg, protocol, options, pretrained_source, device, method_cls)
     identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
-    rid = run_id(cfg, identity, {k: s.value for k, s in settings.items()})
+    defaults = {k: s.value for k, s in settings.items()}
+    rid = run_id(cfg, identity, defaults)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
     trackers = TrackerSet(cfg.loggers, results.dir, rid, identity)  # checked: no folder yet
+    # read only: no lock, no write (a finished run on a read-only disk reports itself done)
+    if _finished(results, identity, tasks, defaults):
+        print(f"[{cfg.method} s{cfg.seed}] all {len(tasks)} tasks done in {results.dir}: "
+              f"nothing to do", flush=True)
+        return results.dir
     with RunLock(results.dir), trackers:  # one writer per run folder, for the run's life
         return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
                            policy, every, tasks, trackers)
+
+
+def _finished(results: ResultsStore, identity: dict[str, Any], tasks: tuple[TaskInfo, ...],
+              option_defaults: dict[str, Any]) -> bool:
+    """Whether the folder holds this very run (:func:`check_resumable`) with every task's own
+    accuracy row: then there is nothing to do and nothing to write, so the run needs no lock
+    (a finished run on a read-only disk reports itself done). Anything unreadable is False:
+    the locked path reports it."""
+    try:
+        previous = results.read_json("config.json")
+        if not isinstance(previous, dict) or not isinstance(previous.get("identity"), dict):
+            return False
+        check_resumable(results.dir, previous["identity"], identity, option_defaults)
+        return {t.index for t in tasks} <= results.finished_tasks()
+    except (OSError, ValueError, RunConflictError):
+        return False
 
 
 def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.atomic import storage_error
+
 LOCK_NAME = "run.lock"
 
 
@@ -76,8 +78,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock now or raise :class:`RunLockedError` (never waits)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a read-only or full disk: name the file, say what to do
+            raise storage_error(self.path, err, "cannot lock the run folder at") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -88,9 +93,13 @@ class RunLock:
                 f"pid {holder.get('pid', '?')}, since {holder.get('started', '?')}); this one "
                 f"stops and changes nothing. Wait for it to finish, or stop that process first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder_text().encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_text().encode(), 0)
+            os.fsync(fd)
+        except OSError as err:
+            os.close(fd)  # closing releases the lock
+            raise storage_error(self.path, err, "cannot write the holder into") from err
         self._fd = fd
         return self
 

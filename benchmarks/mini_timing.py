@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.atomic import atomic_write_text
 from benchmarks.results import load_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{run_s - methods.task_s.sum():.1f} s start-up and files")
     if args.json:
         try:
-            Path(args.json).expanduser().write_text(json.dumps({
+            atomic_write_text(Path(args.json).expanduser(), json.dumps({
                 "total_seconds": total, "commands": dict(walls),
                 "warm_kernels": args.warm_kernels, "methods": methods.to_dict(orient="index"),
                 "extra": args.extra}, indent=2))

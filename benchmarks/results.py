@@ -29,15 +29,21 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from benchmarks.store import atomic_write_text
+from benchmarks.atomic import atomic_write_text, storage_error
+
+log = logging.getLogger(__name__)
 
 TIMING_METRICS = ("train_seconds", "task_seconds")
 SCHEMA_VERSION = 2  # 1: no ``schema`` column; 2: the ``schema`` column added
+# What makes a config.json a run's (the harness writes them all): a folder whose config.json
+# has none of them is another tool's folder, not a damaged run.
+RUN_CONFIG_KEYS = ("identity", "run_id", "tasks")
 COLUMNS = [
     "run_id", "benchmark", "method", "arch", "protocol", "seed", "synthetic",
     "task", "task_name", "after_task", "metric", "value", "schema",
@@ -72,10 +78,61 @@ def read_rows(path: Path) -> pd.DataFrame:
                      f"retraining)")
 
 
+class NotARunError(ValueError):
+    """A folder whose ``config.json`` is another tool's (no run's keys, no rows.csv)."""
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """A run folder's ``config.json`` (None when absent), checked to be a run's: a dict with
+    some of :data:`RUN_CONFIG_KEYS`, each of the type the harness writes. Raises
+    :class:`NotARunError` for another tool's file (none of those keys, no ``rows.csv`` beside
+    it), ``ValueError`` naming the file and why for a damaged one."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({type(err).__name__}: {err})") from err
+    kind = type(config).__name__
+    if not isinstance(config, dict) or not set(RUN_CONFIG_KEYS) & set(config):
+        if not (path.parent / "rows.csv").exists():
+            raise NotARunError(f"{path} is not a run's configuration (a JSON {kind} without "
+                               f"{', '.join(RUN_CONFIG_KEYS)}): another tool's folder?")
+        raise ValueError(f"{path} is not a run's configuration (a JSON {kind}) although "
+                         f"rows.csv is beside it")
+    types = {"identity": dict, "run_id": str, "tasks": list}
+    wrong = [k for k, t in types.items() if k in config and not isinstance(config[k], t)]
+    if wrong:
+        raise ValueError(f"{path} is damaged: {wrong} not of the types a run writes "
+                         f"({', '.join(f'{k}: {types[k].__name__}' for k in wrong)})")
+    return config
+
+
+def rows_damage(rows: pd.DataFrame) -> str | None:
+    """Why a run's rows cannot be averaged as results, or None: an accuracy that is not a
+    number in [0, 1] (a NaN from a broken evaluation). Such a run is reported damaged by
+    ``benchmarks.status`` and left out of every mean by the analysis, never averaged over the
+    tasks that remain."""
+    acc = rows[rows.metric == "accuracy"]
+    values = pd.to_numeric(acc.value, errors="coerce")
+    bad = acc[~values.between(0, 1)]
+    if bad.empty:
+        return None
+    where = [f"task {t} after task {a}: {v}" for t, a, v in
+             zip(bad.task, bad.after_task, bad.value, strict=True)]
+    more = f" (+{len(where) - 3} more)" if len(where) > 3 else ""
+    return (f"accuracy not a number in [0, 1] ({'; '.join(where[:3])}{more}); delete rows.csv "
+            f"and launch again to evaluate the stored tasks again")
+
+
 class ResultsStore:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(self.dir, err, "cannot create the run folder") from err
         self.rows_path = self.dir / "rows.csv"
 
     def rows(self) -> pd.DataFrame:
@@ -108,25 +165,39 @@ class ResultsStore:
 
 
 def load_rows(path: str | Path, with_config: bool = False) -> pd.DataFrame:
-    """All rows under ``path``: one run dir, or a folder holding run dirs (recursively).
+    """All rows under ``path``: one run dir (a damaged rows.csv raises ``ValueError``), or a
+    folder holding run dirs (recursively; a damaged rows.csv is left out with a warning).
 
     ``with_config``: each row also gets its run's settings from ``config.json``: the run
     identity flattened to ``config.<key>`` columns (``config.options.beta``,
     ``config.protocol.lr``, ``config.pretrained``, ``config.device_type``, ...; NaN where a run
-    lacks the key or has no ``config.json``) and ``config.group``, equal for the runs of one
-    experiment but for the seed (:func:`benchmarks.grouping.group_key`), to group by."""
+    lacks the key or has no readable ``config.json``) and ``config.group``, equal for the runs
+    of one experiment but for the seed (:func:`benchmarks.grouping.group_key`), to group by."""
     path = Path(path)
-    files = [path / "rows.csv"] if (path / "rows.csv").exists() else sorted(path.rglob("rows.csv"))
-    frames = [_with_config(df, f.parent) if with_config else df
-              for f in files for df in [with_schema(pd.read_csv(f))]]
+    one = (path / "rows.csv").exists()
+    frames = []
+    for f in [path / "rows.csv"] if one else sorted(path.rglob("rows.csv")):
+        try:
+            rows = read_rows(f)
+        except ValueError as err:
+            if one:
+                raise
+            log.warning("left out: %s", err)
+            continue
+        frames.append(_with_config(rows, f.parent) if with_config else rows)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
 
 def _with_config(rows: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
     from benchmarks.grouping import flatten, group_key
 
-    cfg = ResultsStore.read_json_at(run_dir / "config.json")
-    identity = (cfg or {}).get("identity") or {}
+    try:
+        cfg = ResultsStore.read_json_at(run_dir / "config.json")
+        identity = (cfg or {}).get("identity") or {}
+    except (ValueError, AttributeError):  # damaged, or another tool's (a list): no settings
+        identity = {}
+    if not isinstance(identity, dict):
+        identity = {}
     columns = {f"{CONFIG_PREFIX}{k}": json.dumps(v) if isinstance(v, list) else v
                for k, v in flatten(identity).items()}
     columns[f"{CONFIG_PREFIX}group"] = group_key(identity) if identity else None

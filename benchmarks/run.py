@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.archs import ARCHS, WeightsUnavailableError
+from benchmarks.atomic import StorageError
 from benchmarks.checks import Range, flag_type
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
 from benchmarks.device_policy import SEARCH_PATHS
@@ -30,7 +31,7 @@ from benchmarks.lock import RunLockedError
 from benchmarks.methods import METHODS
 from benchmarks.protocols import PROTOCOLS
 from benchmarks.registry import UnknownNameError
-from benchmarks.results import load_rows
+from benchmarks.results import load_rows, rows_damage
 from benchmarks.trackers import check_trackers
 from benchmarks.training import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -41,7 +42,7 @@ from benchmarks.training import (
 DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
 # What stops a run with a message (exit 2) rather than a traceback.
 CLI_ERRORS = (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
-              RunLockedError, TrainingDivergedError, ValueError)
+              RunLockedError, TrainingDivergedError, ValueError, StorageError)
 RUN_FLAGS = "run"  # title of the parser group whose flags each job of a sweep gets
 # Valid ranges of the count flags (benchmarks.checks), with the flags below.
 SEED = Range(0, 2**63 - 1, "a seed names its run (s<seed>) and derives 63-bit stream seeds",
@@ -163,7 +164,10 @@ def summarise(run_dirs: list[Path]) -> str:
     df = df[df.run_id.isin([d.name for d in run_dirs])]
     last = df.groupby("run_id").after_task.transform("max")
     final = df[(df.metric == "accuracy") & (df.after_task == last)]
-    acc = final.groupby(["method", "seed"]).value.mean().groupby("method").agg(["mean", "std"])
+    # a NaN accuracy makes its run's and method's means NaN, never a mean of the other tasks
+    acc = final.groupby(["method", "seed"]).value.agg(lambda v: v.mean(skipna=False))
+    acc = acc.groupby("method").agg([lambda v: v.mean(skipna=False), "std"])
+    acc.columns = ["mean", "std"]
     mem = df[(df.metric == "store_bytes") & (df.after_task == last)]
     mem = mem.groupby("method").value.mean() / MIB
     lines = [f"{'method':<12} {'avg acc':>9} {'± std':>7} {'stored MiB':>11}"]
@@ -171,6 +175,10 @@ def summarise(run_dirs: list[Path]) -> str:
         std = acc.loc[m, "std"]
         lines.append(f"{m:<12} {acc.loc[m, 'mean']:>9.2%} "
                      f"{'' if std != std else f'{std:.2%}':>7} {mem.get(m, float('nan')):>11.2f}")
+    for run_id, rows in df.groupby("run_id"):
+        damage = rows_damage(rows)
+        if damage:
+            lines.append(f"damaged: {run_id}: {damage}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,15 @@ Each run is one of:
   newest of rows, checkpoints and store index);
 - ``failed``: its last job ended with an error and nothing progressed since: the last error
   line and the job's log (``.sweep/jobs/<key>.json``, written by :mod:`benchmarks.launch.job`);
-- ``missing``: planned, but no run folder (only with plan flags).
+- ``missing``: planned, but no run folder (only with plan flags);
+- ``damaged``: a run folder whose files cannot be trusted, with why: its ``config.json`` or
+  ``rows.csv`` unreadable, or an accuracy that is not a number in [0, 1] (a NaN row is
+  never averaged over the tasks that remain; the analysis leaves such a run out);
+- ``not-run``: a folder with another tool's ``config.json`` (listed, otherwise ignored: it
+  does not count against the exit status).
+
+A run's ``job.json`` (or a sweep's job record) that is damaged or lacks its end is named in
+the run's line and otherwise ignored: the folder itself says how far the run got.
 
 Exit status: 0 when every run is done, 1 otherwise (2: bad flags).
 """
@@ -33,10 +41,11 @@ import pandas as pd
 
 from benchmarks.epoch_log import FILE, read_epochs
 from benchmarks.lock import is_locked
-from benchmarks.results import COLUMNS, read_rows
+from benchmarks.results import COLUMNS, NotARunError, read_rows, read_run_config, rows_damage
 from benchmarks.sweep import Job, find_run_dir, sweep_dir
 
-STATES = ("done", "running", "partial", "failed", "missing")
+STATES = ("done", "running", "partial", "failed", "missing", "damaged", "not-run")
+JOB_STATES = ("done", "failed")  # what benchmarks.launch.job records
 
 
 @dataclass
@@ -51,6 +60,7 @@ class RunStatus:
     error: str | None = None
     log: str | None = None
     last_epoch: dict | None = None  # the last row of epochs.csv (benchmarks.epoch_log)
+    note: str | None = None
 
     def line(self) -> str:
         parts = [f"{self.state:<8} {self.name}"]
@@ -69,6 +79,8 @@ class RunStatus:
             parts.append(f"error: {self.error}")
         if self.log:
             parts.append(f"log: {self.log}")
+        if self.note:
+            parts.append(f"note: {self.note}")
         return " | ".join(parts)
 
 
@@ -77,14 +89,25 @@ def folder_progress(run_dir: Path) -> RunStatus:
     last progress of one run folder (its state: done or partial; see :func:`job_status`)."""
     status = RunStatus(run_dir.name, "partial", run_dir)
     try:
-        status.planned = len(json.loads((run_dir / "config.json").read_text())["tasks"])
-    except (OSError, ValueError, KeyError):
-        status.planned = None
+        config = read_run_config(run_dir)
+        status.planned = len(config["tasks"]) if config and "tasks" in config else None
+        if config is not None and status.planned is None:  # never done: not "partial" forever
+            raise ValueError(f"{run_dir / 'config.json'} has no 'tasks': the planned tasks "
+                             f"are unknown")
+    except NotARunError as err:
+        status.state, status.error = "not-run", str(err)
+        return status
+    except ValueError as err:
+        status.state, status.error = "damaged", str(err)
     rows_path = run_dir / "rows.csv"
     try:
         rows = read_rows(rows_path)
     except ValueError as err:
-        rows, status.error = pd.DataFrame(columns=COLUMNS), str(err)
+        rows, status.state, status.error = pd.DataFrame(columns=COLUMNS), "damaged", str(err)
+    damage = rows_damage(rows)
+    if damage:
+        status.state, status.error = "damaged", f"{rows_path}: {damage}"
+        return status
     if not rows.empty:
         acc = rows[rows.metric == "accuracy"]
         own = acc[acc.task == acc.after_task]
@@ -99,14 +122,21 @@ def folder_progress(run_dir: Path) -> RunStatus:
                                            run_dir / "artifacts" / "index.json") if p.exists()]
     stamps += [p.stat().st_mtime for p in (run_dir / "checkpoints").glob("*.pt")]
     status.last_progress = max(stamps, default=None)
-    if status.planned is not None and status.learned >= status.planned:
+    if status.state == "partial" and status.planned is not None and (
+            status.learned >= status.planned):
         status.state = "done"
     return status
 
 
 def _decide(status: RunStatus, record: dict | None) -> RunStatus:
-    """Lock first (running), then tasks (done), then the job's record (failed), else
-    partial."""
+    """Not a run or damaged first, then the lock (running), then tasks (done), then the
+    job's record (failed), else partial. A record that is not a finished job's (damaged, or
+    without its end) is named in the note and not used."""
+    problem = _record_problem(record) if record is not None else None
+    if problem:
+        status.note, record = f"job record ignored: {problem}", None
+    if status.state in ("not-run", "damaged"):
+        return status
     if status.run_dir is not None and is_locked(status.run_dir):
         status.state = "running"
     elif status.state == "done":
@@ -122,6 +152,22 @@ def _decide(status: RunStatus, record: dict | None) -> RunStatus:
     return status
 
 
+def _record_problem(record: dict) -> str | None:
+    """Why a job record cannot be used (not as :mod:`benchmarks.launch.job` writes it), or
+    None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a job record"
+    if "damaged" in record:
+        return str(record["damaged"])
+    if record.get("state") not in JOB_STATES:
+        return f"state {record.get('state')!r} is none of {JOB_STATES}"
+    if not isinstance(record.get("ended"), int | float):
+        return "no end time (the job's record was cut short)"
+    if not isinstance(record.get("key"), str):
+        return "no job key"
+    return None
+
+
 def job_status(out: str | Path, job: Job) -> RunStatus:
     from benchmarks.launch.job import read_record
 
@@ -132,12 +178,16 @@ def job_status(out: str | Path, job: Job) -> RunStatus:
 
 
 def _json_or_none(path: Path) -> dict | None:
-    """A job record, or None when absent or damaged (status reports what it can read)."""
+    """A job record, or None when absent; a damaged one as ``{"damaged": why}`` (named in
+    the run's line by :func:`_decide`)."""
+    if not path.exists():
+        return None
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return {"damaged": f"unreadable {path.name} ({type(err).__name__})"}
+    return record if isinstance(record, dict) else {"damaged": f"{path.name} is a JSON "
+                                                               f"{type(record).__name__}"}
 
 
 def folder_statuses(out: str | Path) -> list[RunStatus]:
@@ -146,12 +196,13 @@ def folder_statuses(out: str | Path) -> list[RunStatus]:
     out = Path(out).expanduser()
     found, seen = [], set()
     for config in sorted(out.glob("*/config.json")):
-        job = _json_or_none(config.parent / "job.json") or {}
-        seen.add(job.get("key"))
-        found.append(_decide(folder_progress(config.parent), job or None))
+        job = _json_or_none(config.parent / "job.json")
+        seen.add((job or {}).get("key"))
+        found.append(_decide(folder_progress(config.parent), job))
     for path in sorted((sweep_dir(out) / "jobs").glob("*.json")):
         record = _json_or_none(path) or {}
-        if record.get("key") not in seen and record.get("state") == "failed":
+        if record.get("key") not in seen and record.get("state") == "failed" and (
+                _record_problem(record) is None):
             found.append(_decide(RunStatus(record["key"], "missing"), record))
     return found
 
@@ -191,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         statuses = folder_statuses(results)
     print(report(statuses))
-    return 0 if statuses and all(s.state == "done" for s in statuses) else 1
+    runs = [s for s in statuses if s.state != "not-run"]
+    return 0 if runs and all(s.state == "done" for s in runs) else 1
 
 
 if __name__ == "__main__":

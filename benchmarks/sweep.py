@@ -117,8 +117,9 @@ def find_run_dir(out: str | Path, job: Job) -> Path | None:
     for config in sorted(Path(out).expanduser().glob("*/config.json")):
         try:
             run_config = json.loads(config.read_text()).get("run_config", {})
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # unreadable, or not a run's (a list)
             continue
-        if {k: run_config.get(k) for k in MATCH_FIELDS} == job.match:
+        if isinstance(run_config, dict) and {k: run_config.get(k) for k in MATCH_FIELDS} == (
+                job.match):
             return config.parent
     return None

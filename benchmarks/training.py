@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from benchmarks.atomic import atomic_write_bytes, atomic_write_text
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
 from benchmarks.device_policy import DevicePolicy, compile_mode, compile_options
 from benchmarks.epoch_log import PhaseRecorder
@@ -303,16 +303,11 @@ def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitS
              "nonfinite_peak": int(trainer.nonfinite_peak),
              "stats": asdict(stats), "running": None if running is None else running.item(),
              "rng": _rng_state(trainer.device)}
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getbuffer()
-    tmp, tmp_digest = (path.with_name(path.name + ".tmp"),
-                       path.with_name(_digest_path(path).name + ".tmp"))
-    tmp.write_bytes(data)
-    tmp_digest.write_text(_digest(data))
-    os.replace(tmp, path)
-    os.replace(tmp_digest, _digest_path(path))
+    atomic_write_bytes(path, data)
+    atomic_write_text(_digest_path(path), _digest(data))
 
 
 def _digest_path(path: Path) -> Path:

@@ -47,8 +47,12 @@ def pools_file_from_model(model: nn.Module) -> PoolsFile:
 
 
 def save_pools(path: str | Path, pf: PoolsFile) -> None:
-    torch.save({"pools": pf.pools, "weights": pf.weights, "state": pf.state,
-                "group_size": pf.group_size}, Path(path))
+    """Write ``pf`` atomically (:mod:`benchmarks.atomic`: a failed write leaves nothing)."""
+    from benchmarks.atomic import atomic_path  # the suite's one atomic writer
+
+    with atomic_path(path) as tmp:
+        torch.save({"pools": pf.pools, "weights": pf.weights, "state": pf.state,
+                    "group_size": pf.group_size}, tmp)
 
 
 def _read(path: str | Path) -> object:

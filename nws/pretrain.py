@@ -132,9 +132,10 @@ def _autocast(device: torch.device, amp: str):
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from benchmarks.atomic import atomic_path  # the suite's one atomic writer
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.SGD:

@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from benchmarks.data.split_cifar100 import SUPERCLASSES
@@ -61,8 +62,31 @@ def write_image_folder(root: Path, classes: list[str], n: int = 1, size: int = 8
 # convolution is 4x cheaper than at the benchmark's default 32. Measured on the 2-core dev
 # machine: Finetune 48 -> 27 s, KSM 97 -> 64 s, PackNet 124 -> 86 s, NWS 74 -> 80 s (its
 # cost is the weight search, not the convolutions). AQD stays at 32: its 2-bit activations
-# lose too much at 16 (task digits_23 reached 89.2% against the 90% its test asks).
+# lose too much at 16 (task digits_23 reached 89.2%; the mini's last task 76.3%).
 DIGITS_TEST_SIZE = 16
+
+# The "learns split_digits" bars (issue 21, item 1): every task's accuracy from the store is
+# at least LEARNS_TASK_BAR and their mean at least LEARNS_MEAN_BAR. A task has two classes, so
+# chance is 0.50 (a model that learned nothing fails both); the bars sit far below every value
+# measured, because those move with the CPU: another instruction set or thread count sums
+# floats in another order, and a few epochs from scratch then end elsewhere (on an AVX2-only
+# AMD EPYC with 2 cores Finetune's digits_23 reached 88.3% against this machine's 96.7%; the
+# old bar of 0.90 on every task failed there), and one task of a run can fall far below the
+# others (Finetune, seed 1996: digits_45 78.5%, the other tasks >= 96.7%). Each test says what
+# was measured for it: per run, the lowest task and the mean over tasks from the store, over
+# seeds x ATEN_CPU_CAPABILITY {avx2, default} x torch threads {1, 2}, measured 2026-12-03 on
+# the project's 2-core AMD EPYC dev machine (AVX-512) under load. Over all 13 runs of the 5
+# methods: lowest task 78.5%, lowest mean 94.5%.
+LEARNS_TASK_BAR = 0.65
+LEARNS_MEAN_BAR = 0.85
+
+
+def assert_learned(accuracies: pd.Series) -> None:
+    """Every task's accuracy (fractions, one per task) >= LEARNS_TASK_BAR, their mean >=
+    LEARNS_MEAN_BAR (see above)."""
+    values = pd.Series(accuracies, dtype=float)
+    assert (values >= LEARNS_TASK_BAR).all() and values.mean() >= LEARNS_MEAN_BAR, (
+        f"bars: each task >= {LEARNS_TASK_BAR}, mean >= {LEARNS_MEAN_BAR}", values.to_dict())
 
 
 def learn_split_digits(method: str, out: Path, num_tasks: int = 5,

@@ -21,7 +21,8 @@ import torch
 from analysis import figures, tables
 from analysis.metrics import paired_comparison, per_seed
 from analysis.runs import load_runs
-from benchmarks.harness import RunConfig, run_id, run_identity
+from benchmarks.harness import RunConfig, run_identity
+from benchmarks.identity import run_id
 from benchmarks.methods import METHODS
 from benchmarks.protocols import resolve_protocol
 from benchmarks.results import SCHEMA_VERSION, ResultsStore, load_rows
@@ -47,11 +48,11 @@ def write_run(root: Path, method: str, seed: int, acc: list[float], *,
     if overrides:
         protocol = protocol.with_overrides(**overrides)
     identity = run_identity(cfg, protocol, cls.resolve_options(BENCH, options or {}),
-                            pretrained or "imagenet", torch.device(device))
+                            pretrained or "imagenet", torch.device(device), cls)
     default_search = "certificates" if device == "cpu" else "full"  # nws.search's rule
     identity |= {f"policy_{k}": search or default_search for k in cls.policy_fields}
     identity |= extra or {}
-    rid = run_id(cfg, identity)
+    rid = run_id(cfg, identity, cls.resolve_options(BENCH, {}))
     store = ResultsStore(root / rid)
     store.write_json("config.json", {"identity": identity, "run_id": rid,
                                      "run_config": asdict(cfg)})

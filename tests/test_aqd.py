@@ -14,7 +14,7 @@ from benchmarks.protocols import resolve_protocol
 from benchmarks.results import load_rows
 from benchmarks.store import ArtifactStore
 from benchmarks.training import fit
-from tests.fakes import learn_split_digits
+from tests.fakes import assert_learned, learn_split_digits
 
 CPU = torch.device("cpu")
 DIGITS_TASKS = 5  # every split_digits task, as the issue asks
@@ -79,15 +79,19 @@ def test_fp16_becomes_bf16_and_quick_gets_its_own_epochs():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    # 32x32, the benchmark's size: at the suite's 16 (tests/fakes.py) 2-bit AQD misses 90%.
+    # 32x32: at the suite's 16 (tests/fakes.py) 2-bit AQD fell to 76.3% on a task (mini).
     return learn_split_digits("aqd", tmp_path_factory.mktemp("aqd"), DIGITS_TASKS, size=32)
 
 
 @pytest.mark.slow
 def test_learns_split_digits_from_the_store(digits_run):
+    """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%), at 32 px.
+    Measured 2026-12-03, per run the lowest task / the mean (seed / ATEN_CPU_CAPABILITY /
+    threads): 93.2/98.6% (1993/avx2/1), 95.8/98.8% (1994/default/1)."""
     df = load_rows(digits_run)
     final = df[(df.metric == "accuracy") & (df.after_task == DIGITS_TASKS - 1)]
-    assert len(final) == DIGITS_TASKS and (final.value >= 0.90).all(), final
+    assert len(final) == DIGITS_TASKS
+    assert_learned(final.set_index("task_name").value)
 
 
 @pytest.mark.slow

@@ -220,7 +220,9 @@ def test_damaged_rows_and_job_records_are_named_not_a_traceback(tmp_path, capsys
     (tmp_path / ".sweep" / "jobs" / "x.json").write_text("{damaged")
     capsys.readouterr()
     assert status.main(["--results", str(tmp_path)]) == 1
-    assert f"partial  {run_dir.name}" in capsys.readouterr().out
+    line = next(x for x in capsys.readouterr().out.splitlines() if run_dir.name in x)
+    assert line.startswith("damaged") and f"{rows} is damaged" in line  # issue 21: not partial
+    assert "job record ignored: unreadable job.json" in line
     assert cli.main(argv) == 2
     assert f"{rows} is damaged" in capsys.readouterr().err
     rows.unlink()  # as the message says: the stored task is evaluated again, not retrained

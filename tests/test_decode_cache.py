@@ -178,6 +178,7 @@ def test_the_resamplings_draw_the_same_crops_flips_and_cutouts():
     # the same boxes and flips: pixels differ by at most one uint8 level (1 / 255 / std)
     # but at the edge rows, where grid_sample and the resize kernel clamp differently
     close = (a[inner] - b[inner]).abs() <= 1 / 255 / 0.25 + 1e-5
+    # measured 1.0 (torch seeds 0-2, ATEN_CPU_CAPABILITY avx2/default, 1/2 threads, 2026-12-03)
     assert float(close.float().mean()) > 0.97
 
 

@@ -14,7 +14,7 @@ import torch
 from benchmarks.harness import RunConfig, RunConflictError, run
 from benchmarks.results import COLUMNS, TIMING_METRICS, load_rows
 from benchmarks.store import ArtifactStore
-from tests.fakes import learn_split_digits
+from tests.fakes import assert_learned, learn_split_digits
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = ["--method", "finetune", "--benchmark", "synthetic", "--protocol", "smoke",
@@ -113,10 +113,15 @@ def test_a_changed_configuration_does_not_resume_into_an_old_run(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_learns_split_digits_from_the_store(tmp_path):
+    """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%). Measured
+    2026-12-03, per run the lowest task / the mean (seed / ATEN_CPU_CAPABILITY / threads):
+    96.7/98.8% (1993/avx2/1), 94.9/98.6% (1993/avx2/2), 94.2/97.8% (1993/default/1),
+    97.5/98.7% (1994/avx2/1), 94.1/98.0% (1995/default/1), 78.5/94.5% (1996/avx2/1); and
+    88.3% lowest (1993 on an AVX2-only AMD EPYC, issue 21). Lowest task 78.5%, mean 94.5%."""
     df = load_rows(learn_split_digits("finetune", tmp_path))
     own = df[(df.metric == "accuracy") & (df.task == df.after_task)]
     assert len(own) == 5
-    assert (own.value >= 0.90).all(), own[["task_name", "value"]]
+    assert_learned(own.set_index("task_name").value)
     final = df[(df.metric == "accuracy") & (df.after_task == 4)]
     assert (final.set_index("task").value == own.set_index("task").value).all()  # no forgetting
 

@@ -17,7 +17,7 @@ from benchmarks.protocols import resolve_protocol
 from benchmarks.results import load_rows
 from benchmarks.store import ArtifactStore
 from benchmarks.training import fit
-from tests.fakes import learn_split_digits
+from tests.fakes import assert_learned, learn_split_digits
 
 # KSM's own quick setting (option quick_epochs=8) applies: with quick's 4 epochs on a random
 # frozen backbone, digits_89 measured 75.4%.
@@ -150,9 +150,13 @@ def digits_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_learns_split_digits_from_the_store(digits_run):
+    """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%). Measured
+    2026-12-03, per run the lowest task / the mean (seed / ATEN_CPU_CAPABILITY / threads):
+    97.5/99.2% (1993/avx2/1), 97.5/99.3% (1994/default/1)."""
     df = load_rows(digits_run)
     final = df[(df.metric == "accuracy") & (df.after_task == DIGITS_TASKS - 1)]
-    assert len(final) == DIGITS_TASKS and (final.value >= 0.90).all(), final[["task_name", "value"]]
+    assert len(final) == DIGITS_TASKS
+    assert_learned(final.set_index("task_name").value)
 
 
 @pytest.mark.slow

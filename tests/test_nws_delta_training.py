@@ -1,6 +1,9 @@
 """The delta codec on a real NWS run: the same seed with codec=fixed and codec=delta learns
 the same indices and accuracies (deterministic), and delta stores each task after the first
-in <= 30% of fixed's index bytes (split_digits, quick protocol, 3 tasks at the tests' 16x16)."""
+in <= 30% of fixed's index bytes (split_digits, quick protocol, 3 tasks at the tests' 16x16).
+
+Measured 2026-12-03 (issue 21: margins on any CPU), seed 1993, 1 thread: delta / fixed of
+tasks 1 and 2 = 0.125, 0.126 (ATEN_CPU_CAPABILITY=avx2) and 0.117, 0.141 (default)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from benchmarks.method import MethodContext, TaskInfo
 from benchmarks.nws_method import NWSMethod
 from benchmarks.protocols import resolve_protocol
 from benchmarks.store import ArtifactStore
+from tests.fakes import assert_learned
 
 OPTIONS = {"kmeans_iters": 6, "kmeans_points": 8192}  # smaller k-means fits: a quick test
 
@@ -46,11 +47,14 @@ def _method(store: ArtifactStore, folder) -> NWSMethod:
 
 @pytest.mark.slow
 def test_nws_learns_every_digits_task_from_the_store(digits_run) -> None:
+    """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%), at the
+    benchmark's 24 px. Measured 2026-12-03, per run the lowest task / the mean (seed /
+    ATEN_CPU_CAPABILITY / threads): 95.8/98.5% (1993/avx2/1)."""
     _, rows, _ = digits_run
     acc = rows[rows.metric == "accuracy"]
     final = acc[acc.after_task == acc.after_task.max()].set_index("task").value
     assert len(final) == 5
-    assert (final >= 0.9).all(), final.to_dict()
+    assert_learned(final)
     # no forgetting: every stored task scores identically after every later task
     assert (acc.groupby("task").value.nunique() == 1).all()
 

@@ -162,6 +162,8 @@ def test_certificate_radius_is_the_cell_distance_and_never_more(compiled) -> Non
     half_gap = nearest(rows, pool)
     # The cell distance is never below the half gap (d2 - d1) / 2 and usually well above it.
     assert (certs.radius >= (half_gap.d2 - half_gap.d1) / 2 - 1e-3).all()
+    # measured 0.865 (eager and compiled, ATEN_CPU_CAPABILITY avx2/default, 1/2 threads,
+    # 2026-12-03): far above the bar on any CPU
     assert (certs.radius > 1.5 * (half_gap.d2 - half_gap.d1) / 2).float().mean() > 0.3
 
 

@@ -24,7 +24,7 @@ from benchmarks.protocols import resolve_protocol
 from benchmarks.results import load_rows
 from benchmarks.store import ArtifactStore
 from benchmarks.training import fit
-from tests.fakes import learn_split_digits
+from tests.fakes import assert_learned, learn_split_digits
 
 DIGITS_TASKS = 5  # every split_digits task, as the issue asks
 
@@ -110,11 +110,15 @@ def digits_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_learns_split_digits_without_forgetting(digits_run):
+    """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%). Measured
+    2026-12-03, per run the lowest task / the mean (seed / ATEN_CPU_CAPABILITY / threads):
+    99.2/99.8% (1993/avx2/1), 98.3/99.7% (1994/default/1)."""
     df = load_rows(digits_run)
     acc = df[df.metric == "accuracy"]
     final = acc[acc.after_task == DIGITS_TASKS - 1].set_index("task").value
     own = acc[acc.task == acc.after_task].set_index("task").value
-    assert len(final) == DIGITS_TASKS and (final >= 0.90).all(), final
+    assert len(final) == DIGITS_TASKS
+    assert_learned(final)
     assert (final == own).all()  # PackNet does not forget
     free = df[df.metric == "packnet_free_fraction"].set_index("task").value
     last = DIGITS_TASKS - 1

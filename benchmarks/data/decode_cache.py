@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from benchmarks.atomic import atomic_path
 from benchmarks.data.batches import BatchAugment, DeviceBatches, ResizedCropAugment
 
 log = logging.getLogger(__name__)
@@ -147,18 +148,12 @@ def build_cache(samples: list[tuple[str, int]], first_step: Callable, size: int,
                 desc: str = "decoding", progress: bool = True,
                 load: Callable[[str], Any] | None = None) -> None:
     """Decode every sample into ``path`` (.npy, (N, 3, size, size) uint8), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                    shape=(len(samples), 3, size, size))
-    try:
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(samples), 3, size, size))
         for i, (file, _) in enumerate(tqdm(samples, desc=desc, unit="img",
                                            disable=not progress, dynamic_ncols=True)):
             out[i] = decode(file, first_step, size, load)
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     log.info("decoded %d images into %s", len(samples), path)

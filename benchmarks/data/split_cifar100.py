@@ -1,6 +1,8 @@
 """Split-CIFAR-100: 20 five-class tasks, task t = CIFAR-100 superclass t (REFERENCE §3).
 
-Two on-disk sources under the data root, checked in this order:
+Two on-disk sources under the data root, looked for in this order; the first found (any
+of its files present) is used, and must be complete: one found but incomplete is refused
+naming everything missing, never replaced by the next source or a download:
 
 1. CIFAR-100's own python release, ``<root>/cifar-100-python/{train,test,meta}`` (what
    torchvision downloads; downloaded when absent and ``download=True``). Its coarse labels
@@ -8,7 +10,8 @@ Two on-disk sources under the data root, checked in this order:
    superclass map makes results incomparable.
 2. The authors' ImageFolder layout, ``<root>/{train,test}/<superclass>/<fine class>/*.png``,
    listed by the rule of :mod:`benchmarks.data.files` (hidden entries and non-image files
-   are skipped with a log note) and checked before decoding.
+   are skipped with a log note) and checked before decoding. Found when ``train/`` or
+   ``test/`` holds any folder.
 
 Labels 0..4 within a task follow the sorted fine-class names. Training: RandomCrop(32, pad 4)
 + horizontal flip; train and test: the per-superclass normalisation of REFERENCE §7.
@@ -84,6 +87,14 @@ NORMALISATION: list[tuple[tuple[float, float, float], tuple[float, float, float]
 ]
 
 PYTHON_DIR = "cifar-100-python"
+PYTHON_FILES = ("meta", "train", "test")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible subfolders of ``folder`` ([] when it is not a folder)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def _unpickle(path: Path) -> dict:
@@ -142,19 +153,33 @@ def _load_image_folders(root: Path, verify: str = "header"
     still cannot be decoded is named with its task."""
     superclasses = list(SUPERCLASSES)
     listed: dict[tuple[str, int], list[tuple[str, list[Path]]]] = {}  # (split, task) -> files
+    problems = []  # every one, in one message
     for split in ("train", "test"):
         skipped = Skipped()
+        if not (root / split).is_dir():
+            problems.append(f"missing folder {root / split} (every task's {split} images)")
+            continue
         for t, (superclass, fines) in enumerate(SUPERCLASSES.items()):
             listed[split, t] = []
+            if not (root / split / superclass).is_dir():
+                problems.append(f"missing folder {root / split / superclass} (task {t + 1})")
+                continue
             for fine in fines:
                 folder = root / split / superclass / fine
-                if not folder.is_dir():
-                    raise DataUnavailableError(f"missing folder {folder}")
-                files = image_files(folder, skipped)
+                files = image_files(folder, skipped) if folder.is_dir() else []
                 if not files:
-                    raise DataUnavailableError(f"{folder} holds no images")
+                    problems.append(f"{'missing folder' if not folder.is_dir() else 'no images in'}"
+                                    f" {folder} (task {t + 1})")
                 listed[split, t].append((fine, files))
         skipped.log_note(root / split)
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataUnavailableError(
+            f"the Split-CIFAR-100 image-folder layout under {root} is incomplete:\n  - "
+            + "\n  - ".join(problems[:20]) + more
+            + f"\nComplete it ({root}/{{train,test}}/<superclass>/<fine class>/*.png: 20 "
+            f"superclasses x 5 fine classes), or move {root}/train and {root}/test away to "
+            f"use CIFAR-100's python release instead; no other source is used in its place.")
     what = {(split, t): f"task {t + 1} ({superclasses[t]}), {split}" for split, t in listed}
     checked = [(what[key], *unreadable_images([f for _, fs in v for f in fs], verify))
                for key, v in listed.items()]
@@ -176,9 +201,21 @@ def _load_image_folders(root: Path, verify: str = "header"
 
 def _locate(root: Path, download: bool, verify: str = "header"
             ) -> dict[str, tuple[np.ndarray, list[str]]]:
-    if (root / PYTHON_DIR / "meta").is_file():
-        return _load_python_release(root / PYTHON_DIR, verify)
-    if (root / "train" / next(iter(SUPERCLASSES))).is_dir():
+    """The first source found under ``root`` (a folder holding any of its files), checked
+    whole: a source found but incomplete is refused naming what is missing, never replaced by
+    the next source or a download (which would train on other data than the user's)."""
+    python = root / PYTHON_DIR
+    present = [n for n in PYTHON_FILES if (python / n).is_file()]
+    if present:
+        missing = [str(python / n) for n in PYTHON_FILES if n not in present]
+        if missing:
+            raise DataUnavailableError(
+                f"CIFAR-100's python release at {python} is incomplete: {', '.join(missing)} "
+                f"missing. Extract cifar-100-python.tar.gz there again (or delete {python} "
+                f"and let the suite download it, online); no other source is used in its "
+                f"place.")
+        return _load_python_release(python, verify)
+    if any(_subfolders(root / split) for split in ("train", "test")):
         return _load_image_folders(root, verify)
     if download:
         import torchvision

@@ -22,8 +22,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks.atomic import StorageError, atomic_write_text
 from benchmarks.lock import RunLockedError
-from benchmarks.store import atomic_write_text
 from benchmarks.sweep import Job, find_run_dir, sweep_dir
 
 
@@ -53,6 +53,16 @@ def write_record(out: str | Path, job: Job, state: str, *, error: str | None = N
     return record
 
 
+def _record(out: str | Path, job: Job, state: str, **kwargs: Any) -> None:
+    """:func:`write_record`; a record that cannot be written (a full or read-only disk) is
+    a warning naming the file: the run folder itself still says how far the run got."""
+    try:
+        write_record(out, job, state, **kwargs)
+    except StorageError as err:
+        print(f"warning: the job record of {job.key} ({state}) was not written: {err}",
+              file=sys.stderr, flush=True)
+
+
 def run_job(job: Job, out: str | Path, log: str | None = None,
             launcher: dict[str, Any] | None = None) -> int:
     """Run ``job`` in this process and record how it ended; returns the exit code (0 done,
@@ -69,17 +79,17 @@ def run_job(job: Job, out: str | Path, log: str | None = None,
         return 2
     except cli.CLI_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        write_record(out, job, "failed", error=f"{type(err).__name__}: {err}", log=log,
+        _record(out, job, "failed", error=f"{type(err).__name__}: {err}", log=log,
                      launcher=launcher, started=started)
         return 2
     except Exception as err:  # recorded, then the traceback goes to the log as usual
         # (not SystemExit/KeyboardInterrupt: submitit's requeue on timeout exits through
         # SystemExit, Ctrl-C is a stop; both leave the run partial, to be resumed)
         last = traceback.format_exception_only(type(err), err)[-1].strip()
-        write_record(out, job, "failed", error=last or type(err).__name__, log=log,
+        _record(out, job, "failed", error=last or type(err).__name__, log=log,
                      launcher=launcher, started=started)
         raise
-    write_record(out, job, "done", log=log, launcher=launcher, started=started)
+    _record(out, job, "done", log=log, launcher=launcher, started=started)
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.atomic import storage_error
 from benchmarks.launch.job import job_command, read_record, write_record
 from benchmarks.sweep import Job, sweep_dir
 
@@ -129,7 +130,10 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
     slots = slots_for(args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // len(slots))
     logs = sweep_dir(args.out) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only or full disk: exit 2 naming it (benchmarks.run)
+        raise storage_error(logs, err, "cannot create the sweep's log folder") from err
     settings = {"launcher": "local", "slots": len(slots), "threads": threads,
                 "gpus": sorted({s for s in slots if s is not None})}
     print(f"local: {len(jobs)} runs, {len(slots)} at once, {threads} threads each; logs in "

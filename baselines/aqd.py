@@ -185,16 +185,20 @@ class _ActQuant(torch.autograd.Function):
 
 
 class _ActSteps(torch.autograd.Function):
-    """Every layer's activation scale magnitude ``m`` (:func:`magnitude`) and step ``m / Q``
-    from its own 0-d scale, in one stacked pass: outputs L steps, then L magnitudes (the
-    latter for the band only, no gradient). Written out because autograd's own backward of
-    ``stack`` + ``clamp_min`` + ``unbind`` runs one op per layer."""
+    """Every layer's activation step ``m / Q`` from its own 0-d scale (``m``: the scale's
+    magnitude, :func:`magnitude`), in one stacked pass. Outputs the L steps, then, with
+    ``with_scales`` (QTool's band), the L magnitudes (no gradient: the band only). Written
+    out because autograd's own backward of ``stack`` + ``clamp_min`` + ``unbind`` runs one
+    op per layer."""
 
     @staticmethod
-    def forward(ctx, q: int, abs_scale: bool, *alphas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, q: int, abs_scale: bool, with_scales: bool,
+                *alphas: torch.Tensor) -> tuple[torch.Tensor, ...]:
         mag, dmag = magnitude(torch.stack(alphas).float(), abs_scale)
         ctx.save_for_backward(dmag)
-        ctx.q = q
+        ctx.q, ctx.n = q, len(alphas)
+        if not with_scales:
+            return (mag / q).unbind()
         mags = mag.unbind()
         ctx.mark_non_differentiable(*mags)
         return *(mag / q).unbind(), *mags
@@ -202,8 +206,8 @@ class _ActSteps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         (dmag,) = ctx.saved_tensors
-        steps = torch.stack(grads[:len(grads) // 2])
-        return None, None, *steps.mul_(dmag).div_(ctx.q).unbind()
+        steps = torch.stack(grads[:ctx.n])
+        return None, None, None, *steps.mul_(dmag).div_(ctx.q).unbind()
 
 
 class _WeightQuant(torch.autograd.Function):
@@ -297,7 +301,7 @@ class QuantConv(nn.Module):
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups_conv = conv.dilation, conv.groups
         # (quantised weight or None, (activation step, scale) or None), set by QuantBank
-        self.pending: tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None] = (
+        self.pending: tuple[torch.Tensor | None, tuple[torch.Tensor, Any] | None] = (
             None, None)
 
     def _group_ids(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,8 +344,8 @@ class QuantConv(nn.Module):
 
     def quantize_input(self, x: torch.Tensor,
                        step: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``x`` on Q + 1 levels; ``step``: (alpha / Q, alpha), when precomputed
-        (:class:`QuantBank`)."""
+        """``x`` on Q + 1 levels; ``step``: (alpha / Q, alpha or None), when precomputed
+        (:class:`QuantBank`; alpha only for QTool's band)."""
         if self.training and not self.act_initialised:
             self._init_act_scale(x)
             step = None  # computed before the init
@@ -350,7 +354,7 @@ class QuantConv(nn.Module):
             step = (mag / self.qa, mag.detach())
         gf = (1 / math.sqrt(x.numel() // x.shape[0] * self.qa) if self.recipe.lsq_gradient
               else 1.0)
-        alpha = step[1] if self.recipe.clip_band else None
+        alpha = step[1] if self.recipe.clip_band else None  # None: torch.ao's band
         return _ActQuant.apply(x.float(), step[0], alpha, self.qa, gf, self.zero_point,
                                self.fq_enabled, self.zero)
 
@@ -410,8 +414,9 @@ class QuantBank:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         layers, r = self.layers, self.recipe
-        out = _ActSteps.apply(self.qa, r.abs_scale, *(m.alpha_a for m in layers))
-        steps = zip(out[:len(layers)], out[len(layers):], strict=True)
+        out = _ActSteps.apply(self.qa, r.abs_scale, r.clip_band, *(m.alpha_a for m in layers))
+        n = len(layers)
+        steps = zip(out[:n], out[n:] if r.clip_band else [None] * n, strict=True)
         weights: list[torch.Tensor | None] = [None] * len(layers)
         if all(m.weight is not None and m.codes is None for m in layers):
             group, lengths, g_c = self._groups(layers[0].weight.device)

@@ -126,10 +126,15 @@ def plain_ops() -> int:
 
 
 # Upper bounds (x the plain step's aten ops) on ResNet-18, batch 32, 32x32 (plain 297):
-# PackNet 299 (1.01x), KSM 490 (1.65x), AQD 577 (1.94x, issue 17: each of its 19 layers
-# quantises its own input in PyTorch's fake-quant op, 7 ops forward and backward; 692 with
-# the earlier 11-op quantiser). Before issue 13: 499, 1033, 2215.
-@pytest.mark.parametrize(("method", "bound"), [("packnet", 1.1), ("ksm", 2.0), ("aqd", 2.0)])
+# PackNet 299 (1.01x), KSM 490 (1.65x), AQD 635 (2.14x, issue 22: QTool's recipe, the
+# default; 579 = 1.95x with recipe=lsq, 577 before issue 22). AQD's 19 layers quantise their
+# own inputs in PyTorch's fake-quant op (issue 17: 692 with the earlier 11-op quantiser);
+# QTool's band (the input gradient passes for 0 <= x <= alpha, not where the rounded level
+# is in 0..Q) is what the kernel's mask does not give: one clamp to [0, alpha] and one
+# compare per layer (+38), with the layer's scale as one view each (+19), and the weight
+# standardisation once per step (+12); its factor-1 scale gradient saves one multiply per
+# layer (-19). Hence 2.2 for AQD. Before issue 13: 499, 1033, 2215.
+@pytest.mark.parametrize(("method", "bound"), [("packnet", 1.1), ("ksm", 2.0), ("aqd", 2.2)])
 def test_steady_state_step_is_sync_free_and_batched(method, bound, plain_ops):
     counted = profile_method(method, batch=4, size=16)
     assert counted.syncs == 0, counted.sync_ops

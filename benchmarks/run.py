@@ -186,6 +186,9 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         valid = "; ".join(f"{name}: {', '.join(s) or 'none'}" for name, s in settings.items())
         raise ValueError(f"--opt {', '.join(unknown)}: no planned method takes it; valid "
                          f"options ({valid})")
+    for name in methods:  # option values the method refuses (e.g. aqd recipe=bogus)
+        METHODS.get(name).resolve_options(
+            args.benchmark, {k: v for k, v in options.items() if k in settings[name]})
     seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,

@@ -204,3 +204,14 @@ def test_unknown_recipe_is_refused_naming_the_valid_ones():
     with pytest.raises(ValueError, match="qtool, lsq"):
         AQD.resolve_options("x", {"recipe": "bogus"})
     assert AQD.resolve_options("x", {})["recipe"] == "qtool"
+
+
+def test_cli_refuses_an_unknown_recipe_before_any_work(tmp_path, capsys):
+    from benchmarks.run import main
+
+    out = tmp_path / "out"
+    assert main(["--method", "aqd", "--benchmark", "synthetic", "--protocol", "smoke",
+                 "--opt", "recipe=bogus", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe='bogus'" in err and "qtool, lsq" in err
+    assert not out.exists()  # no run folder

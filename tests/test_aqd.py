@@ -102,7 +102,8 @@ def test_stored_bytes_equal_the_formula_by_blob(digits_run):
 # Activations (models/quant.py lines 473-479): y = clamp(x / alpha, 0, 1), round(3 y) / 3
 # straight-through, times alpha; the clamp passes the input gradient for 0 <= x / alpha <= 1
 # only, and d out / d alpha = level / 3 - (x / alpha) [inside], with factor 1 (grad_scale
-# 'none', lines 183-189). With alpha = 3, Q = 3 the step s is 1, so x / s = x. Hand-picked
+# 'none', lines 183-189; at x / alpha = 0 or 1 exactly it passes, PyTorch's clamp subgradient
+# of QTool's time, see baselines/aqd.py). With alpha = 3, Q = 3 the step s is 1. Hand-picked
 # x / s: below 0, 0, inside, Q, in (Q, Q + 1/2), above Q + 1/2; upstream gradients 1..6.
 X_OVER_S = [-0.3, 0.0, 1.2, 3.0, 3.3, 3.8]
 UPSTREAM = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]

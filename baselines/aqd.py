@@ -34,9 +34,10 @@ Two recipes (option ``recipe``, :data:`RECIPES`):
     straight-through gradients: 1 above the range, 0 below);
   * the scale enters as |alpha| (``clip_val.abs()``, lines 474 and 539).
 
-  The band's bounds themselves (x = 0 or x = alpha exactly) pass the gradient here, the
-  subgradient 1 that PyTorch's ``clamp`` gave in QTool's time (the rule onnxruntime's clip
-  gradient still states); PyTorch 2.14's ``clamp`` gives 0 there. QTool's own
+  The band's bounds themselves (x = 0 or x = alpha exactly) pass the gradient here: the
+  subgradient 1 that onnxruntime's clip gradient states, which we believe PyTorch's
+  ``clamp`` gave in QTool's time (not checked against a PyTorch of 2020); PyTorch 2.14's
+  ``clamp`` gives 0 there. QTool's own
   ``quantization`` module, run on PyTorch 2.14 beside this one on the same weights, input
   and upstream gradient (2-bit, per-layer, var-mean, a 3x3 conv), agrees in forward values,
   input, weight and both scale gradients within 8e-6, except the input gradient at inputs

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from benchmarks import archs
+from benchmarks.models import archs
 
 
 def class_counts(benchmark: str) -> list[int]:

@@ -48,7 +48,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
-from benchmarks.atomic import StorageError, atomic_path, atomic_write_text
+from nws.atomic import StorageError, atomic_path, atomic_write_text
 
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
 FORMATS = ("png", "pdf")

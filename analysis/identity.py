@@ -1,6 +1,6 @@
 """One label per experiment, and one run per (experiment, seed).
 
-Runs are grouped by their identity but for the seed (:mod:`benchmarks.grouping`). Each group
+Runs are grouped by their identity but for the seed (:mod:`benchmarks.core.grouping`). Each group
 is shown under a label: its method's name, then what differs from the method's defaults,
 e.g. ``nws (beta=0.1)``, ``finetune (lr=0.5, epochs=2)``, ``finetune (pretrained=none)``.
 What a difference is, per identity key:
@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.grouping import flatten, group_key, splitting_identity
-from benchmarks.identity import fill_defaults
+from benchmarks.core.grouping import flatten, group_key, splitting_identity
+from benchmarks.core.identity import fill_defaults
 from nws.search import device_default_search
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _default_options(method: str, benchmark: str) -> dict[str, Any] | None:
 
 @functools.cache
 def _default_protocol(name: str, benchmark: str) -> dict[str, Any] | None:
-    from benchmarks.protocols import resolve_protocol
+    from benchmarks.core.protocols import resolve_protocol
 
     try:
         proto = resolve_protocol(name, benchmark).as_dict()
@@ -179,7 +179,7 @@ def _variant(method: str, flat: dict[str, Any], diffs: dict[str, Any]) -> tuple[
 
 
 def current_identity(member: Member) -> dict[str, Any]:
-    """``member.identity`` read as today's code writes it (:func:`benchmarks.identity.
+    """``member.identity`` read as today's code writes it (:func:`benchmarks.core.identity.
     fill_defaults`): a run written before an option, protocol field or identity key existed
     has that key's default, so it groups with today's runs of the same settings."""
     if not member.identity:

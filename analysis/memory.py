@@ -2,7 +2,7 @@
 
 **stored** (the suite's own convention): the exact payload bytes of the compact, lossless
 artifacts a method writes and evaluates from, as its ``memory_formula`` states them; CI
-holds the formula equal to the artifact store's bytes (tests/test_memory_stored.py).
+holds the formula equal to the artifact store's bytes (tests/analysis/test_memory_stored.py).
 
 **paper**: the paper's counting rules, reconstructed in REFERENCE §5 (rules below, one per
 method). Two of them need compressed integer streams:
@@ -74,10 +74,10 @@ from analysis.runs import (
     select,
     task_streams,
 )
-from benchmarks import archs
-from benchmarks.archs import IMAGENET_CLASSES
-from benchmarks.method import Breakdown
-from benchmarks.methods import METHODS
+from benchmarks.methods.contract import Breakdown
+from benchmarks.methods.table import METHODS
+from benchmarks.models import archs
+from benchmarks.models.archs import IMAGENET_CLASSES
 
 MIB = 2**20
 FLOAT32 = 4

@@ -33,9 +33,9 @@ import pandas as pd
 
 from analysis.counts import class_counts
 from analysis.identity import Member, assign_labels, dedupe
-from benchmarks.methods import METHODS
-from benchmarks.results import NotARunError, read_rows, read_run_config, rows_damage
-from benchmarks.store import ArtifactStore
+from benchmarks.core.results import NotARunError, read_rows, read_run_config, rows_damage
+from benchmarks.core.store import ArtifactStore
+from benchmarks.methods.table import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Run:
     rows: pd.DataFrame  # its ``method`` column holds the run's label (module doc)
     config: dict[str, Any] | None
     registered: str = ""  # the registered method (rows.csv's own ``method``)
-    group: str = ""  # :func:`benchmarks.grouping.group_key` of its identity
+    group: str = ""  # :func:`benchmarks.core.grouping.group_key` of its identity
     duplicate_note: str = ""  # set when other runs of its group and seed were left out
     comparable: bool = True  # the paper's figures apply (defaults, or a partial run of them)
 
@@ -256,7 +256,7 @@ def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:
     """Per task, the integer streams the method's ``hook`` reads from the run's store.
 
     A store that cannot be read (a blob's file missing or damaged, a delta chain broken:
-    the method's own error, e.g. :class:`benchmarks.nws_method.BrokenChainError`) is logged
+    the method's own error, e.g. :class:`benchmarks.methods.nws_method.BrokenChainError`) is logged
     as a warning naming the run and the error and counts as no store ({}): the analyses
     that need the streams leave the run out, the rest of the analysis goes on."""
     fn = method_hook(run.registered_method, hook)

@@ -62,8 +62,8 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
-from benchmarks.atomic import StorageError, atomic_write_text
-from benchmarks.methods import METHODS
+from benchmarks.methods.table import METHODS
+from nws.atomic import StorageError, atomic_write_text
 
 PAPER_ARCH = "resnet18"
 TABLE3_METHODS = ("finetune", "nws")
@@ -178,7 +178,7 @@ class Group:
 
     def missing(self, method: str, arch: str) -> list[str]:
         """What is missing for (method, arch): no run, seeds, unfinished tasks."""
-        from benchmarks.run import DEFAULT_SEEDS
+        from benchmarks.exec.run import DEFAULT_SEEDS
 
         runs = self.method_runs(method, arch)
         if not runs:

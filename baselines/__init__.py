@@ -1,1 +1,1 @@
-"""Baselines on the suite's method contract (:mod:`benchmarks.method`), one module each."""
+"""Baselines on the suite's method contract (:mod:`benchmarks.methods.contract`), one module each."""

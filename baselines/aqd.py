@@ -55,7 +55,7 @@ driven to 0 cannot divide by zero.
 
 Stored per task: the weight codes bit-packed at b bits, the scales (float32), and the float32
 parts (stem, BN, head). The model rebuilt from the packed codes computes the same quantised
-weights as the trained one, bit for bit (see :func:`baselines.common.ste`).
+weights as the trained one, bit for bit (see :func:`benchmarks.methods.common.ste`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import (
+from benchmarks.core.checks import OneOf, Range
+from benchmarks.core.protocols import Protocol, S
+from benchmarks.core.store import ArtifactStore, Transaction
+from benchmarks.methods.common import (
     FLOAT32,
     conv_modules,
     fresh_task_model,
@@ -80,11 +83,8 @@ from baselines.common import (
     task_state_bytes,
     with_quick_epochs,
 )
-from benchmarks import archs
-from benchmarks.checks import OneOf, Range
-from benchmarks.method import Breakdown, Method, TaskInfo
-from benchmarks.protocols import Protocol, S
-from benchmarks.store import ArtifactStore, Transaction
+from benchmarks.methods.contract import Breakdown, Method, TaskInfo
+from benchmarks.models import archs
 from nws import bitpack
 
 QTOOL = "aim-uofa/model-quantization (QTool, the AQD authors' toolbox)"
@@ -443,7 +443,7 @@ def quantized_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
     return conv_modules(model)[1:]
 
 
-# valid range of the bit widths (benchmarks.checks)
+# valid range of the bit widths (benchmarks.core.checks)
 BITS = Range(1, 8, "2**bits - 1 levels: torch's fake-quant ops take 8-bit ranges at most",
              integer=True)
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from baselines.common import FLOAT32, inference_state, load_inference_state
-from benchmarks import archs
-from benchmarks.method import Breakdown, Method, TaskInfo
-from benchmarks.store import ArtifactStore, Transaction
+from benchmarks.core.store import ArtifactStore, Transaction
+from benchmarks.methods.common import FLOAT32, inference_state, load_inference_state
+from benchmarks.methods.contract import Breakdown, Method, TaskInfo
+from benchmarks.models import archs
 
 
 class Finetune(Method):

@@ -39,7 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.common import (
+from benchmarks.core.checks import OneOf, Range
+from benchmarks.core.protocols import Protocol, S
+from benchmarks.core.store import ArtifactStore, Transaction
+from benchmarks.methods.common import (
     BACKBONE,
     FLOAT32,
     conv_modules,
@@ -55,11 +58,8 @@ from baselines.common import (
     task_state_bytes,
     with_quick_epochs,
 )
-from benchmarks import archs
-from benchmarks.checks import OneOf, Range
-from benchmarks.method import Breakdown, Method, TaskInfo
-from benchmarks.protocols import Protocol, S
-from benchmarks.store import ArtifactStore, Transaction
+from benchmarks.methods.contract import Breakdown, Method, TaskInfo
+from benchmarks.models import archs
 
 KSM_CODE = "KSM reference code (REFERENCE §4)"
 
@@ -183,7 +183,7 @@ class MultiplierBank:
             layer.pending = s
 
 
-# valid ranges of the options (benchmarks.checks)
+# valid ranges of the options (benchmarks.core.checks)
 FINITE = Range(None, None, "a real number: the mask rule is defined for any")
 POSITIVE = Range(0, None, "the sigmoid's slope is beta / temperature: 0 or less has no "
                  "surrogate gradient or inverts it", lo_open=True)

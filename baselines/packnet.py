@@ -39,7 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from baselines.common import (
+from benchmarks.core.checks import Each, Either, OneOf, Range
+from benchmarks.core.protocols import Protocol, S
+from benchmarks.core.store import ArtifactStore, Transaction
+from benchmarks.methods.common import (
     BACKBONE,
     FLOAT32,
     bn_state,
@@ -53,11 +56,8 @@ from baselines.common import (
     task_state,
     task_state_bytes,
 )
-from benchmarks import archs
-from benchmarks.checks import Each, Either, OneOf, Range
-from benchmarks.method import Breakdown, Fit, Method, MethodContext, TaskInfo
-from benchmarks.protocols import Protocol, S
-from benchmarks.store import ArtifactStore, Transaction
+from benchmarks.methods.contract import Breakdown, Fit, Method, MethodContext, TaskInfo
+from benchmarks.models import archs
 from nws import bitpack
 
 log = logging.getLogger("benchmarks")
@@ -146,7 +146,7 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
-# valid ranges of the options (benchmarks.checks)
+# valid ranges of the options (benchmarks.core.checks)
 PRUNE = Either((OneOf(("equal-share",), "ours: an equal share per task"),
                 Range(0, 1, "a fraction of the free weights pruned after each task: 1 "
                       "leaves the next task none", hi_open=True)), "prune_fractions' rule")

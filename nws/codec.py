@@ -8,7 +8,7 @@ histogram's categorical model (``constriction``); layer sizes come from the arch
 
 ``delta`` (the suite's extension, not the paper's): a task coded against the indices of the
 task before it (:func:`encode_delta`); see that function for the layout. A task stored this
-way needs the previous task's indices to decode (``benchmarks.nws_method`` walks the chain).
+way needs the previous task's indices to decode (``benchmarks.methods.nws_method`` walks the chain).
 """
 
 from __future__ import annotations

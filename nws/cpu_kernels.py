@@ -30,7 +30,7 @@ those a ``lock`` file still present after the same bounded wait is reported as s
 it). Past the wait the eager code runs, with a warning naming the file. The cache folder:
 ``$NWS_KERNELS_DIR`` (per job, e.g. on node-local disk; also ``benchmarks.run --kernels-dir``),
 else ``$TORCH_EXTENSIONS_DIR``, else torch's default. ``flock`` across machines needs a file
-system that supports it (see :mod:`benchmarks.lock`); a per-job folder avoids the question.
+system that supports it (see :mod:`benchmarks.core.lock`); a per-job folder avoids the question.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every call searches every row (static shapes: no ``nonzero``, no boolean-mask indexing, no
 ``.item()``, no data-dependent sizes), so a training step can run ahead of the device or be
 captured. ``$NWS_SEARCH=full`` (or ``search="full"``) forces this path on any device, which
-is how the tests and :mod:`benchmarks.opcount` run it on CPU; ``certificates`` is the
+is how the tests and :mod:`benchmarks.perf.opcount` run it on CPU; ``certificates`` is the
 incremental CPU path of :mod:`nws.search` (see :func:`nws.search.search_path`).
 
 Vector pools (:class:`VectorPoolsSearch`, several layers of one entry length at once):

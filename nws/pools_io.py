@@ -47,8 +47,8 @@ def pools_file_from_model(model: nn.Module) -> PoolsFile:
 
 
 def save_pools(path: str | Path, pf: PoolsFile) -> None:
-    """Write ``pf`` atomically (:mod:`benchmarks.atomic`: a failed write leaves nothing)."""
-    from benchmarks.atomic import atomic_path  # the suite's one atomic writer
+    """Write ``pf`` atomically (:mod:`nws.atomic`: a failed write leaves nothing)."""
+    from nws.atomic import atomic_path  # the suite's one atomic writer
 
     with atomic_path(path) as tmp:
         torch.save({"pools": pf.pools, "weights": pf.weights, "state": pf.state,
@@ -147,7 +147,7 @@ def _kernels(weight: torch.Tensor, mod: nn.Module, src: str, ours: str,
 
     A classifier (Linear; theirs a 1x1 conv) may have another class count: its rows are
     kept as they are (REFERENCE §1: task 0's head is the first C rows of the pretrained
-    head, see benchmarks.nws_method); only its input width must agree.
+    head, see benchmarks.methods.nws_method); only its input width must agree.
     """
     if isinstance(mod, nn.Linear):
         cols = mod.in_features

@@ -132,7 +132,7 @@ def _autocast(device: torch.device, amp: str):
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    from benchmarks.atomic import atomic_path  # the suite's one atomic writer
+    from nws.atomic import atomic_path  # the suite's one atomic writer
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PretrainConfig, dict[str,
     p = argparse.ArgumentParser(prog="python -m nws.pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="ImageFolder root (class folders)")
     p.add_argument("--out", required=True)
-    p.add_argument("--arch", default="resnet18", help="a name from benchmarks.archs.ARCHS")
+    p.add_argument("--arch", default="resnet18", help="a name from benchmarks.models.archs.ARCHS")
     p.add_argument("--image-size", type=int, default=224)
     for f in fields(PretrainConfig):
         flag, value, help_ = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), \
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> Path:
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
-    from benchmarks import archs
+    from benchmarks.models import archs
 
     dataset = image_folder(data, size)
     model = init_nws_model(archs.build(arch, len(dataset.classes)), cfg)

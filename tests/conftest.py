@@ -47,7 +47,7 @@ def _cpu_unless_marked_cuda(request, monkeypatch) -> None:
     """Every test means the CPU run unless marked ``cuda``: ``--device auto`` (the harness's
     and CLI's default, also in the processes a test starts) resolves to the CPU through
     ``$NWS_DEVICE``, so ``tox`` passes the same on a machine where a GPU is visible."""
-    from benchmarks.device_policy import DEVICE_ENV
+    from benchmarks.core.device_policy import DEVICE_ENV
 
     if "cuda" not in request.keywords:
         monkeypatch.setenv(DEVICE_ENV, "cpu")

@@ -94,7 +94,7 @@ def learn_split_digits(method: str, out: Path, num_tasks: int = 5,
     """One seed of ``method`` on split_digits (quick protocol, no pretraining) at
     ``size`` pixels: the run the "learns split_digits" tests check (see ``DIGITS_TEST_SIZE``).
     Returns the run folder."""
-    from benchmarks.harness import RunConfig, run
+    from benchmarks.engine.harness import RunConfig, run
 
     return run(RunConfig(method=method, benchmark="split_digits", protocol="quick",
                          pretrained="none", num_tasks=num_tasks, out=str(out),

@@ -6,9 +6,9 @@ import inspect
 import typing
 from typing import Any
 
-from benchmarks.checks import Check
+from benchmarks.core.checks import Check
+from benchmarks.core.registry import Registry
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, default_data_root
-from benchmarks.registry import Registry
 
 BENCHMARKS: Registry = Registry("benchmark")
 BENCHMARKS.register(

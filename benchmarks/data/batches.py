@@ -8,7 +8,7 @@ it replaces (torchvision's ``RandomCrop(size, padding=pad)`` with zero fill, the
 offset (dy, dx) uniform over {0..2*pad}^2, a flip with probability 1/2, the same
 normalisation. The draws come from one seeded generator per (seed, task, phase, epoch) on
 the device, so a batch is a pure function of its coordinates; the numbers differ from the
-per-image path's (another generator), the distribution does not (tests/test_batches.py).
+per-image path's (another generator), the distribution does not (tests/data/test_batches.py).
 
 The task is padded and mirrored once (:meth:`BatchAugment.prepare`, 2 x the padded task's
 bytes: 24 MB for a Split-CIFAR task); each batch is then one index into that source's crop
@@ -156,7 +156,7 @@ class ResizedCropAugment:
     whole uint8 batches: the boxes are drawn as torchvision draws them, all tries at once.
     Bilinear resampling without antialiasing (unlike PIL's resize: a downscaled crop is a
     little sharper), in one of two ways (``resample``, chosen by
-    :class:`benchmarks.device_policy.DevicePolicy`; the same boxes, flips and Cutout):
+    :class:`benchmarks.core.device_policy.DevicePolicy`; the same boxes, flips and Cutout):
 
     - ``"batched"``: one ``grid_sample`` of the whole batch (float), no host read: the
       path for a GPU, where a per-image loop would sync and launch per image;

@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from benchmarks.atomic import atomic_path
 from benchmarks.data.batches import BatchAugment, DeviceBatches, ResizedCropAugment
+from nws.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 CACHE_FOLDER = ".nws_decoded"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from benchmarks.checks import Range
+from benchmarks.core.checks import Range
 from benchmarks.data.base import Benchmark, Task, TensorImages
 from benchmarks.data.batches import BatchAugment
 

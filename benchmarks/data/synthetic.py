@@ -8,10 +8,10 @@ from typing import Annotated
 
 import torch
 
-from benchmarks.checks import Range
+from benchmarks.core.checks import Range
 from benchmarks.data.base import Benchmark, Task, TensorImages
 
-# --bench-opt ranges (benchmarks.checks): a test set is small; memory grows with all of them
+# --bench-opt ranges (benchmarks.core.checks): a test set is small; memory grows with all of them
 _COUNT = Range(1, 100_000, "images per task: at least one; 100,000 is past any test's need",
                integer=True)
 

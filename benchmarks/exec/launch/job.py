@@ -1,0 +1,125 @@
+"""One job of a sweep, as every launcher runs it: ``benchmarks.run`` for one (method, seed),
+then a record of how it ended (``<out>/.sweep/jobs/<key>.json``, copied into the run folder as
+``job.json``) for :mod:`benchmarks.status`.
+
+    python -m benchmarks.exec.launch.job --out OUT --job JOB_JSON [--log LOG] [--launcher JSON]
+
+A job stopped by the run folder's lock (another process is running it) writes nothing: the
+holder's record is the true one. A job killed outright writes nothing either; the local
+launcher then records the signal, and status reads a run folder without a live lock as
+partial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks.core.lock import RunLockedError
+from benchmarks.exec.sweep import Job, find_run_dir, sweep_dir
+from nws.atomic import StorageError, atomic_write_text
+
+
+def record_path(out: str | Path, key: str) -> Path:
+    return sweep_dir(out) / "jobs" / f"{key}.json"
+
+
+def read_record(out: str | Path, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(record_path(out, key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(out: str | Path, job: Job, state: str, *, error: str | None = None,
+                 log: str | None = None, launcher: dict[str, Any] | None = None,
+                 started: float | None = None) -> dict[str, Any]:
+    record = {"key": job.key, "method": job.method, "seed": job.seed, "state": state,
+              "error": error, "log": log, "launcher": launcher or {},
+              "host": socket.gethostname(), "pid": os.getpid(),
+              "started": started, "ended": time.time(), "command": job.command_text()}
+    text = json.dumps(record, indent=2, sort_keys=True)
+    atomic_write_text(record_path(out, job.key), text)
+    run_dir = find_run_dir(out, job)
+    if run_dir is not None:
+        atomic_write_text(run_dir / "job.json", text)
+    return record
+
+
+def _record(out: str | Path, job: Job, state: str, **kwargs: Any) -> None:
+    """:func:`write_record`; a record that cannot be written (a full or read-only disk) is
+    a warning naming the file: the run folder itself still says how far the run got."""
+    try:
+        write_record(out, job, state, **kwargs)
+    except StorageError as err:
+        print(f"warning: the job record of {job.key} ({state}) was not written: {err}",
+              file=sys.stderr, flush=True)
+
+
+def run_job(job: Job, out: str | Path, log: str | None = None,
+            launcher: dict[str, Any] | None = None) -> int:
+    """Run ``job`` in this process and record how it ended; returns the exit code (0 done,
+    2 bad input or a failed run). Any other error is recorded and raised again."""
+    from benchmarks.exec import run as cli
+
+    started = time.time()
+    args = cli.parser().parse_args(list(job.argv))
+    logging_setup()
+    try:
+        cli.execute(args)
+    except RunLockedError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except cli.CLI_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        _record(out, job, "failed", error=f"{type(err).__name__}: {err}", log=log,
+                     launcher=launcher, started=started)
+        return 2
+    except Exception as err:  # recorded, then the traceback goes to the log as usual
+        # (not SystemExit/KeyboardInterrupt: submitit's requeue on timeout exits through
+        # SystemExit, Ctrl-C is a stop; both leave the run partial, to be resumed)
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        _record(out, job, "failed", error=last or type(err).__name__, log=log,
+                     launcher=launcher, started=started)
+        raise
+    _record(out, job, "done", log=log, launcher=launcher, started=started)
+    return 0
+
+
+def logging_setup() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def job_command(job: Job, out: str | Path, log: str | None,
+                launcher: dict[str, Any]) -> list[str]:
+    """The command line that runs ``job`` through :func:`run_job` in a fresh process."""
+    spec = json.dumps({"key": job.key, "method": job.method, "seed": job.seed,
+                       "match": job.match, "argv": list(job.argv)})
+    return [sys.executable, "-m", "benchmarks.exec.launch.job", "--out", str(out), "--job", spec,
+            "--launcher", json.dumps(launcher), *(["--log", log] if log else [])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.exec.launch.job", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the sweep's folder of run folders")
+    p.add_argument("--job", required=True, help="the job (JSON, as job_command writes it)")
+    p.add_argument("--log", default=None, help="where this job's output goes (recorded)")
+    p.add_argument("--launcher", default="{}", help="the launcher's settings (JSON, recorded)")
+    args = p.parse_args(argv)
+    spec = json.loads(args.job)
+    job = Job(spec["key"], spec["method"], spec["seed"], spec["match"], tuple(spec["argv"]))
+    return run_job(job, args.out, args.log, json.loads(args.launcher))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

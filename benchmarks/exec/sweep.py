@@ -1,0 +1,125 @@
+"""A sweep plan: the runs of one command as data, one :class:`Job` per (method, seed).
+
+The plan is the cross product of the methods and seeds given, on the benchmark, architecture
+and protocol given. Each job is the ``benchmarks.run`` command line of exactly one run, so
+every launcher places the same thing and the harness never learns how it was started.
+
+A sweep keeps its bookkeeping beside the run folders, in ``<out>/.sweep/`` (analysis reads
+only ``rows.csv`` files, so it never sees it)::
+
+    .sweep/jobs/<key>.json   the last finished attempt of a job: done / failed, the error line,
+                             the log path, the launcher's settings (also copied to the run
+                             folder as ``job.json``)
+    .sweep/logs/<key>.log    stdout and stderr of a local job
+    .sweep/slurm/            submitit's folder: batch scripts, pickled jobs, SLURM logs
+
+A planned job is matched to its run folder by the run configuration the harness writes into
+``config.json`` (:data:`MATCH_FIELDS`), never by guessing the folder's name: the folder's hash
+depends on options the harness resolves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.core.identity import resolve_input_path
+from benchmarks.engine.harness import RunConfig
+
+SWEEP_DIR = ".sweep"
+MATCH_FIELDS = ("method", "seed", "benchmark", "arch", "protocol", "num_tasks", "pretrained",
+                "method_options", "protocol_overrides", "benchmark_options", "deterministic")
+
+
+def _json(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: its key (file names), the fields that identify its run folder, and the
+    ``benchmarks.run`` arguments that run it."""
+
+    key: str
+    method: str
+    seed: int
+    match: dict[str, Any]
+    argv: tuple[str, ...]
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.run", *self.argv]
+
+    def command_text(self) -> str:
+        return shlex.join(["python", "-m", "benchmarks.run", *self.argv])
+
+
+def job_for(cfg: RunConfig, argv: list[str]) -> Job:
+    match = _json({k: asdict(cfg)[k] for k in MATCH_FIELDS})
+    digest = hashlib.sha256(json.dumps(match, sort_keys=True).encode()).hexdigest()[:8]
+    key = f"{cfg.benchmark}-{cfg.method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}"
+    return Job(key, cfg.method, cfg.seed, match, tuple(argv))
+
+
+def run_argv(p: argparse.ArgumentParser, args: argparse.Namespace, group: str,
+             cfg: RunConfig) -> list[str]:
+    """The ``benchmarks.run`` arguments of one run: every flag of parser group ``group`` the
+    user set (paths made absolute: a job may start elsewhere), with this run's method and
+    seed, and ``--no-progress`` (a job's output is a log)."""
+    actions = next(g for g in p._action_groups if g.title == group)._group_actions
+    out = ["--method", cfg.method, "--seeds", str(cfg.seed)]
+    for action in actions:
+        value = getattr(args, action.dest)
+        if action.dest in ("method", "seeds", "no_progress") or (
+                value == action.default and action.dest != "out"):  # out: always, absolute
+            continue
+        if action.dest in ("out", "data_root", "kernels_dir"):
+            value = str(Path(value).expanduser().resolve())
+        elif action.dest in ("weights", "pretrained"):  # as the run resolves it
+            value = resolve_input_path(value)
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            out.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                out += [flag, str(item)]
+        elif action.nargs == "+":
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return [*out, "--no-progress"]
+
+
+def plan(configs: list[RunConfig], argv_for: Callable[[RunConfig], list[str]]) -> list[Job]:
+    return [job_for(cfg, argv_for(cfg)) for cfg in configs]
+
+
+def job_table(jobs: list[Job]) -> str:
+    """The plan as a table: one line per job, with its command."""
+    width = max((len(j.key) for j in jobs), default=3)
+    lines = [f"{'#':>3}  {'job':<{width}}  command"]
+    lines += [f"{i:>3}  {j.key:<{width}}  {j.command_text()}" for i, j in enumerate(jobs)]
+    return "\n".join(lines)
+
+
+def sweep_dir(out: str | Path) -> Path:
+    return Path(out).expanduser().resolve() / SWEEP_DIR
+
+
+def find_run_dir(out: str | Path, job: Job) -> Path | None:
+    """The run folder under ``out`` whose ``config.json`` records ``job``'s run, if any."""
+    for config in sorted(Path(out).expanduser().glob("*/config.json")):
+        try:
+            run_config = json.loads(config.read_text()).get("run_config", {})
+        except (OSError, ValueError, AttributeError):  # unreadable, or not a run's (a list)
+            continue
+        if isinstance(run_config, dict) and {k: run_config.get(k) for k in MATCH_FIELDS} == (
+                job.match):
+            return config.parent
+    return None

@@ -1,0 +1,1 @@
+"""Layer 3, models: architectures, pretrained weights, weights files (imports core, data)."""

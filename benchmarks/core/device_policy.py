@@ -51,12 +51,13 @@ from typing import Any, Literal
 
 import torch
 
-from benchmarks.data.batches import RESAMPLE_PATHS
 from nws.search import SEARCH_ENV, SEARCH_PATHS, search_path
 
 SearchPath = Literal["full", "certificates"]
 CROP_RESAMPLE_ENV = "NWS_CROP_RESAMPLE"
 DEVICE_ENV = "NWS_DEVICE"  # what --device auto means, when set
+# How random-resized crops are resampled (benchmarks.data.batches.ResizedCropAugment).
+RESAMPLE_PATHS = ("batched", "per_image")
 __all__ = ["CROP_RESAMPLE_ENV", "DEVICE_ENV", "SEARCH_ENV", "SEARCH_PATHS", "DevicePolicy",
            "backend_flags", "compile_mode", "compile_options", "default_crop_resample",
            "default_search", "resolve_device", "set_tf32"]

@@ -25,6 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from benchmarks.core.device_policy import RESAMPLE_PATHS
+
 
 @dataclass(frozen=True)
 class BatchAugment:
@@ -278,9 +280,6 @@ def crop_flip(images: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torc
     windows = padded.unfold(2, h, 1).unfold(3, w, 1)
     x = windows[torch.arange(b, device=images.device), :, offsets[:, 0], offsets[:, 1]]
     return torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
-
-
-RESAMPLE_PATHS = ("batched", "per_image")
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:

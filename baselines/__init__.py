@@ -1,1 +1,2 @@
-"""Baselines on the suite's method contract (:mod:`benchmarks.methods.contract`), one module each."""
+"""Baselines on the suite's method contract (:mod:`benchmarks.methods.contract`), one module
+each."""

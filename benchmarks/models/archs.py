@@ -42,13 +42,9 @@ from torch import nn
 
 from benchmarks.core.registry import Registry
 from benchmarks.core.seeding import derive_seed
+from benchmarks.models.weights_io import WeightsUnavailableError, load_state_dict
 
 IMAGENET_CLASSES = 1000
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be had, or do not fit the architecture; the message says
-    how to supply them."""
 
 
 @dataclass(frozen=True)
@@ -349,8 +345,6 @@ class Pretrained:
         if self.source == "imagenet":
             sd = _torchvision_state_dict(self.arch)
         else:
-            from benchmarks.models.weights_io import load_state_dict  # imports this module
-
             sd = load_state_dict(self.source)
         adapt = ARCHS.get(self.arch).adapt_weights
         return adapt(sd) if adapt else sd

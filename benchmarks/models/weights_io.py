@@ -38,8 +38,6 @@ from typing import Any
 
 import torch
 
-from benchmarks.models.archs import WeightsUnavailableError
-
 log = logging.getLogger(__name__)
 
 PLAIN_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "module")
@@ -47,6 +45,11 @@ EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 MAX_DEPTH = 3
 _TORCH = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be had, or do not fit the architecture; the message says
+    how to supply them (also raised by :mod:`benchmarks.models.archs`, which imports this)."""
 
 
 class WeightsFileError(WeightsUnavailableError):

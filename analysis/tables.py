@@ -62,6 +62,7 @@ from analysis.runs import (
     task_streams,
     variants_beside,
 )
+from benchmarks.core.protocols import DEFAULT_SEEDS
 from benchmarks.methods.table import METHODS
 from nws.atomic import StorageError, atomic_write_text
 
@@ -178,13 +179,11 @@ class Group:
 
     def missing(self, method: str, arch: str) -> list[str]:
         """What is missing for (method, arch): no run, seeds, unfinished tasks."""
-        from benchmarks.exec.run import DEFAULT_SEEDS
-
         runs = self.method_runs(method, arch)
         if not runs:
             return [f"{method}/{arch}: no run"]
         notes = []
-        expected = set(DEFAULT_SEEDS.get(self.protocol, []))
+        expected = set(DEFAULT_SEEDS.get(self.protocol, []))  # one run elsewhere: any seed
         lacking = sorted(expected - {r.seed for r in runs})
         if lacking:
             notes.append(f"{method}/{arch}: seeds {lacking} missing (protocol "

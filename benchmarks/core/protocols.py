@@ -248,6 +248,18 @@ PROTOCOLS.register(
     "1 epoch of 2 steps per task: exercises every code path, learns nothing",
 )
 
+# The seeds a run of each protocol gets when --seeds is not given (three for the paper's
+# protocols: the paper reports mean ± std over three; the others: one run, seed 1993), and
+# the seeds analysis.tables expects before it calls a table complete.
+DEFAULT_SEEDS: dict[str, list[int]] = {"paper": [1993, 1994, 1995],
+                                       "authors-code": [1993, 1994, 1995]}
+DEFAULT_SEED = 1993
+
+
+def default_seeds(protocol: str) -> list[int]:
+    """The seeds of a run of ``protocol`` without ``--seeds``."""
+    return list(DEFAULT_SEEDS.get(protocol, [DEFAULT_SEED]))
+
 
 def resolve_protocol(name: str, benchmark: str) -> Protocol:
     """The protocol ``name`` with its per-benchmark values for ``benchmark``."""

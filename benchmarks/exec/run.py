@@ -24,7 +24,7 @@ from benchmarks.core.checks import Range, flag_type
 from benchmarks.core.device_policy import SEARCH_PATHS
 from benchmarks.core.identity import resolve_input_path, resolve_option_paths
 from benchmarks.core.lock import RunLockedError
-from benchmarks.core.protocols import PROTOCOLS
+from benchmarks.core.protocols import PROTOCOLS, default_seeds
 from benchmarks.core.registry import UnknownNameError
 from benchmarks.core.results import load_rows, rows_damage
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
@@ -39,7 +39,6 @@ from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, WeightsUnavailableError
 from nws.atomic import StorageError
 
-DEFAULT_SEEDS = {"paper": [1993, 1994, 1995], "authors-code": [1993, 1994, 1995]}
 # What stops a run with a message (exit 2) rather than a traceback.
 CLI_ERRORS = (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
               RunLockedError, TrainingDivergedError, ValueError, StorageError)
@@ -220,7 +219,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         k: v for k, v in options.items() if k in settings[name]}) for name in methods}
     for name in methods:  # each value against its option's range (benchmarks.core.checks)
         METHODS.get(name).resolve_options(args.benchmark, chosen[name])
-    seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS.get(args.protocol, [1993])))
+    seeds = list(dict.fromkeys(args.seeds or default_seeds(args.protocol)))
     base = dict(
         benchmark=args.benchmark, arch=args.arch, protocol=args.protocol,
         data_root=args.data_root, out=args.out,

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_args.out = results
         try:
-            statuses = [job_status(results, j) for j in plan_jobs(run_parser, run_args)]
+            statuses = [job_status(results, j) for j in plan_jobs(run_args)]
         except cli.CLI_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -20,7 +20,6 @@ depends on options the harness resolves.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shlex
@@ -30,7 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.core.identity import resolve_input_path
 from benchmarks.engine.harness import RunConfig
 
 SWEEP_DIR = ".sweep"
@@ -65,35 +63,6 @@ def job_for(cfg: RunConfig, argv: list[str]) -> Job:
     digest = hashlib.sha256(json.dumps(match, sort_keys=True).encode()).hexdigest()[:8]
     key = f"{cfg.benchmark}-{cfg.method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}"
     return Job(key, cfg.method, cfg.seed, match, tuple(argv))
-
-
-def run_argv(p: argparse.ArgumentParser, args: argparse.Namespace, group: str,
-             cfg: RunConfig) -> list[str]:
-    """The ``benchmarks.run`` arguments of one run: every flag of parser group ``group`` the
-    user set (paths made absolute: a job may start elsewhere), with this run's method and
-    seed, and ``--no-progress`` (a job's output is a log)."""
-    actions = next(g for g in p._action_groups if g.title == group)._group_actions
-    out = ["--method", cfg.method, "--seeds", str(cfg.seed)]
-    for action in actions:
-        value = getattr(args, action.dest)
-        if action.dest in ("method", "seeds", "no_progress") or (
-                value == action.default and action.dest != "out"):  # out: always, absolute
-            continue
-        if action.dest in ("out", "data_root", "kernels_dir"):
-            value = str(Path(value).expanduser().resolve())
-        elif action.dest in ("weights", "pretrained"):  # as the run resolves it
-            value = resolve_input_path(value)
-        flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
-            out.append(flag)
-        elif isinstance(action, argparse._AppendAction):
-            for item in value:
-                out += [flag, str(item)]
-        elif action.nargs == "+":
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return [*out, "--no-progress"]
 
 
 def plan(configs: list[RunConfig], argv_for: Callable[[RunConfig], list[str]]) -> list[Job]:

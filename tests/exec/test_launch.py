@@ -34,7 +34,7 @@ SYNTH = ["--method", "finetune", "--benchmark", "synthetic", "--protocol", "smok
 
 def _jobs(args: list[str]):
     p = cli.parser()
-    return plan_jobs(p, p.parse_args(args))
+    return plan_jobs(p.parse_args(args))
 
 
 def _results(out: Path) -> pd.DataFrame:

@@ -16,7 +16,8 @@ from pathlib import Path
 from benchmarks.core.checks import Range, flag_type
 from benchmarks.core.identity import resolve_input_path, resolve_option_paths
 from benchmarks.core.registry import Registry
-from benchmarks.exec.sweep import Job, job_table, plan, run_argv
+from benchmarks.exec.runs import job_argv, run_configs
+from benchmarks.exec.sweep import Job, job_table, plan
 
 LAUNCHERS: Registry = Registry("launcher")
 LAUNCHERS.register("local", "benchmarks.exec.launch.local:launch_local",
@@ -82,7 +83,7 @@ def normalise_paths(args: argparse.Namespace) -> None:
 def resolve_opt_item(item: str, benchmark: str) -> str:
     """A ``--opt KEY=VALUE`` with VALUE resolved as the run resolves it, when some method
     declares KEY an input file (:func:`benchmarks.core.identity.resolve_option_paths`)."""
-    from benchmarks.exec.run import _value
+    from benchmarks.exec.runs import _value
     from benchmarks.methods.table import METHODS
 
     key, sep, value = item.partition("=")
@@ -95,12 +96,10 @@ def resolve_opt_item(item: str, benchmark: str) -> str:
     return item
 
 
-def plan_jobs(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[Job]:
+def plan_jobs(args: argparse.Namespace) -> list[Job]:
     """The sweep of a ``benchmarks.run`` command line, one job per (seed, method)."""
-    from benchmarks.exec.run import RUN_FLAGS, run_configs
-
     normalise_paths(args)
-    return plan(run_configs(args), lambda cfg: run_argv(p, args, RUN_FLAGS, cfg))
+    return plan(run_configs(args), lambda cfg: job_argv(args, cfg))
 
 
 def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -119,7 +118,7 @@ def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from benchmarks.exec.launch.local import gpus_from
 
         gpus_from(args)  # ValueError for --gpus that are not visible here
-    jobs = plan_jobs(p, args)
+    jobs = plan_jobs(args)
     if args.dry_run:
         print(f"{len(jobs)} runs, launcher {args.launcher}; results in {args.out}")
         print(job_table(jobs))

@@ -67,17 +67,17 @@ def run_job(job: Job, out: str | Path, log: str | None = None,
             launcher: dict[str, Any] | None = None) -> int:
     """Run ``job`` in this process and record how it ended; returns the exit code (0 done,
     2 bad input or a failed run). Any other error is recorded and raised again."""
-    from benchmarks.exec import run as cli
+    from benchmarks.exec import runs
 
     started = time.time()
-    args = cli.parser().parse_args(list(job.argv))
+    args = runs.run_parser().parse_args(list(job.argv))
     logging_setup()
     try:
-        cli.execute(args)
+        runs.execute(args)
     except RunLockedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    except cli.CLI_ERRORS as err:
+    except runs.CLI_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         _record(out, job, "failed", error=f"{type(err).__name__}: {err}", log=log,
                      launcher=launcher, started=started)

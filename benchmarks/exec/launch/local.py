@@ -188,7 +188,7 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    from benchmarks.exec.run import summarise
+    from benchmarks.exec.runs import summarise
     from benchmarks.exec.sweep import find_run_dir
 
     run_dirs = [d for d in (find_run_dir(args.out, j) for j in jobs)

@@ -9,7 +9,8 @@ from PIL import Image
 from torch import nn
 
 import nws
-from nws.pretrain import PretrainConfig, image_folder, init_nws_model, pretrain
+from benchmarks.models.pretrain import image_folder
+from nws.pretrain import PretrainConfig, init_nws_model, pretrain
 
 CPU = torch.device("cpu")
 

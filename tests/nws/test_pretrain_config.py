@@ -1,4 +1,4 @@
-"""``python -m nws.pretrain``: the authors' pretraining defaults and SyncBN under DDP."""
+"""``python -m benchmarks.pretrain``: the authors' pretraining defaults and SyncBN under DDP."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nws.pretrain import PretrainConfig, parse_args, use_sync_bn, with_sync_bn
+from benchmarks.models.pretrain import parse_args
+from nws.pretrain import PretrainConfig, use_sync_bn, with_sync_bn
 
 REQUIRED = ["--data", "d", "--out", "o"]
 

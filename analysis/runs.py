@@ -1,12 +1,12 @@
 """Reading run folders (``results/runs/<run id>/``) and the method hooks analysis uses.
 
 A run folder needs only ``rows.csv``; ``config.json`` (planned tasks, options) and
-``artifacts/`` (the artifact store) are used when present. Hooks a method class may offer,
-looked up by name so that a method without them still works everywhere else:
-
-- ``task_indices(store, task) -> {layer: int array}`` (NWS): the pool indices of a task.
-- ``pool_size(store) -> int`` or an int attribute, or the run option ``pool_size`` (NWS).
-- ``task_codes(store, task) -> {layer: int array}`` (AQD): the 2-bit weight codes of a task.
+``artifacts/`` (the artifact store) are used when present. What analysis reads from a
+method's store it gets through the method contract's one declared hook,
+:meth:`benchmarks.methods.contract.Method.analysis_hooks` (the names:
+:data:`benchmarks.methods.contract.ANALYSIS_HOOKS`: ``task_indices``, ``pool_size``,
+``task_codes``); a method without them still works everywhere else (``pool_size`` then
+falls back to the run option ``pool_size``).
 
 Labels: every run is shown under the label of its experiment, its identity but for the
 seed (:mod:`analysis.identity`): the method's name when it ran with the method's defaults,
@@ -35,6 +35,7 @@ from analysis.counts import class_counts
 from analysis.identity import Member, assign_labels, dedupe
 from benchmarks.core.results import NotARunError, read_rows, read_run_config, rows_damage
 from benchmarks.core.store import ArtifactStore
+from benchmarks.methods.contract import ANALYSIS_HOOKS
 from benchmarks.methods.table import METHODS
 
 log = logging.getLogger(__name__)
@@ -247,9 +248,13 @@ def method_class(method: str) -> tuple[type | None, str]:
 
 
 def method_hook(method: str, hook: str) -> Callable[..., Any] | int | None:
-    """``hook`` of the method class, or None when the class or the hook is missing."""
+    """The method's declared analysis hook ``hook`` (:data:`ANALYSIS_HOOKS`), or None when
+    the class cannot be imported or does not declare it. Raises ``KeyError`` for a name the
+    contract does not declare (a typo here would silently drop runs)."""
+    if hook not in ANALYSIS_HOOKS:
+        raise KeyError(f"{hook!r} is not an analysis hook; declared: {', '.join(ANALYSIS_HOOKS)}")
     cls, _ = method_class(method)
-    return getattr(cls, hook, None)
+    return None if cls is None else cls.analysis_hooks().get(hook)
 
 
 def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:

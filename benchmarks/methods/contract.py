@@ -23,6 +23,13 @@ from benchmarks.core.breakdown import Breakdown
 from benchmarks.core.protocols import Protocol, S
 from benchmarks.core.store import ArtifactStore, Transaction
 
+# What analysis may read from a method's store, through Method.analysis_hooks only:
+ANALYSIS_HOOKS: dict[str, str] = {
+    "task_indices": "(store, task) -> {layer: int array}: the pool indices of a task (NWS)",
+    "pool_size": "(store) -> int, or an int: the pool size the indices point into (NWS)",
+    "task_codes": "(store, task) -> {layer: int array}: the quantised codes of a task (AQD)",
+}
+
 
 @dataclass(frozen=True)
 class TaskInfo:
@@ -147,6 +154,13 @@ class Method(ABC):
 
     def task_metrics(self, task: TaskInfo, store: ArtifactStore) -> dict[str, float]:
         """Extra per-task measurements from the store (written as result rows)."""
+        return {}
+
+    @classmethod
+    def analysis_hooks(cls) -> dict[str, Callable[..., Any] | int]:
+        """This method's readers of its own store for the analyses, by name (keys of
+        :data:`ANALYSIS_HOOKS`); none by default. Analysis finds them here only, so renaming
+        a method's function breaks this declaration loudly instead of dropping its runs."""
         return {}
 
     @classmethod

@@ -29,6 +29,7 @@ Each blob says how it is coded, so readers need no run options.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -353,6 +354,10 @@ class NWSMethod(Method):
     @staticmethod
     def pool_size(store: ArtifactStore) -> int:
         return int(store.info(INDICES, store.tasks()[0]).meta["pool_size"])
+
+    @classmethod
+    def analysis_hooks(cls) -> dict[str, Callable[..., Any] | int]:
+        return {"task_indices": cls.task_indices, "pool_size": cls.pool_size}
 
     def task_metrics(self, task: TaskInfo, store: ArtifactStore) -> dict[str, float]:
         """Bits per index as stored and under each codec, the empirical entropy (the limit

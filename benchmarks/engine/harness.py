@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import logging
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -41,15 +40,16 @@ from benchmarks.core.seeding import seed_global, set_deterministic
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
-from benchmarks.engine.epoch_log import EpochLog
-from benchmarks.engine.trackers import TrackerSet
-from benchmarks.engine.training import (
+from benchmarks.engine.checkpoints import (
     DEFAULT_CHECKPOINT_EVERY,
     CheckpointPolicy,
-    FitStats,
-    evaluate,
-    fit,
+    adopt_checkpoints,
+    checkpoint_folder,
+    checkpoint_prefix,
 )
+from benchmarks.engine.epoch_log import EpochLog
+from benchmarks.engine.trackers import TrackerSet
+from benchmarks.engine.training import FitStats, evaluate, fit
 from benchmarks.methods.contract import Method, MethodContext, TaskInfo
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import Pretrained, check_input_size, no_init, unset_tensors
@@ -270,7 +270,7 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
             log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
         # The task is in the store: its phases' checkpoints are not needed now (also those a
         # kill between the commit and this line left behind).
-        for done in checkpoints.glob(f"{_checkpoint_prefix(t)}*"):
+        for done in checkpoints.glob(f"{checkpoint_prefix(t)}*"):
             done.unlink()
         rows = _evaluate_after(method, bench, tasks, t, store, policy, protocol, cfg)
         meta = store.task_meta(t)
@@ -313,36 +313,6 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def checkpoint_folder(checkpoint_dir: str | None, rid: str, run_dir: Path) -> Path:
-    """Where run ``rid`` keeps its phase checkpoints: ``<checkpoint_dir>/<rid>/``, or the run
-    folder's ``checkpoints/``."""
-    if checkpoint_dir:
-        return Path(checkpoint_dir).expanduser().resolve() / rid
-    return run_dir / "checkpoints"
-
-
-def adopt_checkpoints(before: Path, now: Path) -> None:
-    """Move the phase checkpoints a run left in ``before`` (an earlier launch's
-    ``--checkpoint-dir``) to ``now``, so a relaunch with another (or no) ``--checkpoint-dir``
-    resumes from them instead of silently training the task again. A folder that is not
-    reachable here (another node's scratch) has nothing to move."""
-    if before == now or not before.is_dir():
-        return
-    found = sorted(before.glob("task*.pt"))  # names of _checkpoint_prefix
-    if not found:
-        return
-    now.mkdir(parents=True, exist_ok=True)
-    for path in found:
-        shutil.move(str(path), now / path.name)
-    log.info("moved %d phase checkpoint(s) of this run from %s (an earlier --checkpoint-dir) "
-             "to %s", len(found), before, now)
-
-
-def _checkpoint_prefix(task: int) -> str:
-    """File name prefix of a task's phase checkpoints (``task003-1-retrain.pt``)."""
-    return f"task{task:03d}-"
-
-
 def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
                 policy: DevicePolicy, protocol: Protocol, desc: str,
                 checkpoints: Path, every: CheckpointPolicy, epochs: EpochLog | None = None
@@ -356,7 +326,7 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
     model = method.model_for_task(info, store).to(device)
     stats = FitStats()
     calls = itertools.count()
-    prefix = _checkpoint_prefix(info.index)
+    prefix = checkpoint_prefix(info.index)
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
         n = next(calls)

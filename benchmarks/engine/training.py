@@ -5,16 +5,12 @@ device for in-memory data), progress, and phase checkpoints to resume a killed p
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,12 +20,16 @@ from tqdm.auto import tqdm
 from benchmarks.core.device_policy import DevicePolicy, compile_mode, compile_options
 from benchmarks.core.protocols import Protocol
 from benchmarks.core.seeding import derive_seed, generator, seed_global
-from benchmarks.core.store import checksum as _digest
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
+from benchmarks.engine.checkpoints import (
+    DEFAULT_CHECKPOINT_EVERY,
+    CheckpointPolicy,
+    load_checkpoint,
+    save_checkpoint,
+)
 from benchmarks.engine.epoch_log import PhaseRecorder
 from benchmarks.engine.loss_monitor import LossMonitor, LossReading
 from benchmarks.methods.contract import Method
-from nws.atomic import atomic_write_bytes, atomic_write_text
 from nws.optim import zero_momentum_buffers
 
 log = logging.getLogger("benchmarks")
@@ -171,43 +171,6 @@ class FitStats:
     final_loss: float = float("nan")
 
 
-DEFAULT_CHECKPOINT_EVERY = "10m"
-"""Ours: a phase checkpoint at most every 10 minutes (and always after a phase's last epoch).
-A preempted job loses at most ~10 minutes of one phase, and a GPU run, whose CIFAR task epochs
-take seconds, no longer writes a 85 MiB checkpoint after each of them (~170 GB per run)."""
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """When a phase checkpoint is written: every ``epochs`` epochs, or after the first epoch
-    that ends ``seconds`` or more after the last write (or the phase's start); after the
-    phase's last epoch always. Which epochs are saved never changes results: each epoch's
-    data order and augmentation are seeded by its coordinates."""
-
-    epochs: int | None = None
-    seconds: float | None = None
-
-    @classmethod
-    def parse(cls, text: str | int) -> CheckpointPolicy:
-        """``"5"`` (epochs), ``"10m"`` (minutes), ``"90s"``, ``"2h"``; ``ValueError`` else."""
-        raw = str(text).strip().lower()
-        unit = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(raw[-1:]) if raw else None
-        number = raw[:-1] if unit else raw
-        try:
-            value = float(number) if unit else int(number)
-        except ValueError:
-            value = -1
-        if not value > 0:
-            raise ValueError(f"--checkpoint-every {text!r}: give a number of epochs (e.g. 5) "
-                             f"or a time interval (e.g. 10m, 90s, 2h)")
-        return cls(seconds=value * unit) if unit else cls(epochs=int(value))
-
-    def due(self, epochs_since: int, seconds_since: float) -> bool:
-        if self.epochs is not None:
-            return epochs_since >= self.epochs
-        return seconds_since >= (self.seconds or 0.0)
-
-
 def loader(dataset: Dataset, batch_size: int, seed: int, coords: tuple, num_workers: int,
            shuffle: bool = True, drop_last: bool = False, pin_memory: bool = False
            ) -> DataLoader:
@@ -257,123 +220,6 @@ def _epoch_batches(dataset: Dataset, on_device: DeviceBatches | None, protocol: 
                            protocol.drop_last)
 
 
-# -- RNG state: the CPU generators and the training device's own (only that one) ----------
-
-def _device_rng(device: torch.device) -> Any | None:
-    """The torch module holding ``device``'s generator API (``torch.cuda``, ...), if any."""
-    if device.type in ("cpu", "meta"):
-        return None
-    module = getattr(torch, device.type, None)
-    return module if hasattr(module, "get_rng_state") else None
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """CPU generators (torch, numpy, random) and the generator of ``device`` alone: a run
-    resumed with fewer devices visible, or on another index, restores it all the same."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "random": random.getstate(), "device_type": device.type}
-    module = _device_rng(device)
-    if module is not None:
-        state["device"] = module.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-    module = _device_rng(device)
-    if "device" in state and module is not None:
-        if state.get("device_type") != device.type:
-            log.warning("checkpoint RNG state is from a %s device, training runs on %s: its "
-                        "device generator is not restored", state.get("device_type"),
-                        device.type)
-        else:
-            module.set_rng_state(state["device"], device)
-
-
-def _save_checkpoint(path: Path, trainer: Trainer, epochs_done: int, stats: FitStats,
-                     running: torch.Tensor | None) -> None:
-    """Everything the phase's remaining epochs depend on, written atomically (a kill while
-    writing leaves the previous checkpoint)."""
-    state = {"epochs_done": epochs_done, "model": trainer.model.state_dict(),
-             "opt": trainer.opt.state_dict(), "sched": trainer.sched.state_dict(),
-             "scaler": trainer.scaler.state_dict(),
-             "nonfinite_streak": int(trainer.nonfinite_streak),
-             "nonfinite_peak": int(trainer.nonfinite_peak),
-             "stats": asdict(stats), "running": None if running is None else running.item(),
-             "rng": _rng_state(trainer.device)}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getbuffer()
-    atomic_write_bytes(path, data)
-    atomic_write_text(_digest_path(path), _digest(data))
-
-
-def _digest_path(path: Path) -> Path:
-    """The checksum beside a phase checkpoint (``task000-1-nws.pt.blake2b``)."""
-    return path.with_name(path.name + ".blake2b")
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's contents on the CPU, whatever device wrote it (placing them is
-    :func:`_restore`'s job: ``map_location=<cuda>`` would put the RNG states on the GPU,
-    where ``torch.set_rng_state`` refuses them).
-
-    ``ValueError`` when the file's checksum (written beside it) does not match: torch's zip
-    reader does not check CRCs, so damaged tensor bytes would otherwise load as silently
-    wrong weights. A checkpoint without a checksum file (older runs, or a kill between the
-    two renames) is read unchecked; one whose checksum is stale (the same kill, the other
-    order) fails the check and its phase starts over: lost work, never a wrong resume."""
-    data = path.read_bytes()
-    digest = _digest_path(path)
-    if digest.exists() and digest.read_text().strip() != _digest(data):
-        raise ValueError(f"checksum mismatch against {digest.name} (a damaged file)")
-    # our own file, holding numpy's RNG state: not loadable with weights_only
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-
-
-def _restore(state: dict[str, Any], trainer: Trainer, stats: FitStats, path: Path
-             ) -> tuple[int, torch.Tensor | None]:
-    """Place a checkpoint read on the CPU: model tensors are copied into the model's own
-    (device) tensors, the optimiser state follows its parameters' device (torch's
-    ``Optimizer.load_state_dict``), RNG states stay on the CPU."""
-    try:
-        trainer.model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"checkpoint {path} does not fit this model (was the code changed since it was "
-            f"written?); delete it to retrain this phase from its start") from err
-    trainer.opt.load_state_dict(state["opt"])
-    trainer.sched.load_state_dict(state["sched"])
-    if state["scaler"] or not trainer.scaler.is_enabled():
-        trainer.scaler.load_state_dict(state["scaler"])
-    else:  # written where the scaler was off (CPU, amp != fp16): an enabled one starts fresh
-        log.warning("checkpoint %s holds no loss-scaler state; fp16 loss scaling starts afresh",
-                    path)
-    trainer.nonfinite_streak.fill_(state["nonfinite_streak"])
-    trainer.nonfinite_peak.fill_(state.get("nonfinite_peak", state["nonfinite_streak"]))
-    for name, value in state["stats"].items():
-        setattr(stats, name, value)
-    _set_rng_state(state["rng"], trainer.device)
-    running = state["running"]
-    return state["epochs_done"], None if running is None else torch.tensor(running)
-
-
-def _load_checkpoint(path: Path, trainer: Trainer, stats: FitStats
-                     ) -> tuple[int, torch.Tensor | None]:
-    """Restore a phase from ``path``; returns (epochs done, running loss). A missing or
-    unreadable file (a disk that filled up) starts the phase over: it is only a cache."""
-    if not path.exists():
-        return 0, None
-    try:
-        state = _read_checkpoint(path)
-    except Exception as err:  # any unreadable file: retrain the phase
-        log.warning("checkpoint %s is unreadable (%s); this phase starts over", path, err)
-        return 0, None
-    return _restore(state, trainer, stats, path)
-
-
 def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, *,
         device: torch.device, seed: int, task: int, phase: str, num_workers: int = 0,
         progress: bool = True, desc: str = "", stats: FitStats | None = None,
@@ -408,7 +254,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
         per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
     trainer = Trainer(model, method, protocol, device, compile=policy.compile,
                       steps_per_epoch=per_epoch)
-    first, running = _load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
+    first, running = load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
     if first:
         log.info("%s: resumed after epoch %d/%d (step %d) from %s", desc or phase, first,
                  protocol.epochs, stats.steps, checkpoint)
@@ -462,7 +308,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
                                                          now - saved_at)):
             stats.seconds, start = stats.seconds + now - start, now
             stats.final_loss = float(running) if running is not None else float("nan")
-            _save_checkpoint(checkpoint, trainer, epoch + 1, stats, running)
+            save_checkpoint(checkpoint, trainer, epoch + 1, stats, running)
             saved_at, saved_epoch = time.perf_counter(), epoch + 1
     bar.close()
     stats.seconds += time.perf_counter() - start

@@ -23,13 +23,10 @@ from benchmarks.core.protocols import PROTOCOLS, default_seeds
 from benchmarks.core.registry import UnknownNameError
 from benchmarks.core.results import load_rows, rows_damage
 from benchmarks.data import BENCHMARKS, DataUnavailableError, check_benchmark_options
+from benchmarks.engine.checkpoints import DEFAULT_CHECKPOINT_EVERY, CheckpointPolicy
 from benchmarks.engine.harness import MIB, RunConfig, RunConflictError, build_benchmark, run
 from benchmarks.engine.trackers import check_trackers
-from benchmarks.engine.training import (
-    DEFAULT_CHECKPOINT_EVERY,
-    CheckpointPolicy,
-    TrainingDivergedError,
-)
+from benchmarks.engine.training import TrainingDivergedError
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, WeightsUnavailableError
 from nws.atomic import StorageError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.engine import training
+from benchmarks.engine import checkpoints
 from benchmarks.engine.training import FitStats
 from tests.engine.test_resume_device import _checkpoint, _trainer
 
@@ -32,7 +32,7 @@ def test_a_flipped_tensor_byte_starts_the_phase_over(tmp_path, caplog):
     trainer = _trainer()
     before = trainer.model[0].weight.detach().clone()
     with caplog.at_level(logging.WARNING):
-        assert training._load_checkpoint(path, trainer, FitStats()) == (0, None)
+        assert checkpoints.load_checkpoint(path, trainer, FitStats()) == (0, None)
     assert "checksum mismatch" in caplog.text and "starts over" in caplog.text
     assert torch.equal(trainer.model[0].weight, before)  # nothing of the damaged file loaded
 
@@ -41,13 +41,13 @@ def test_a_truncated_checkpoint_starts_the_phase_over(tmp_path, caplog):
     path = _checkpoint(tmp_path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with caplog.at_level(logging.WARNING):
-        assert training._load_checkpoint(path, _trainer(), FitStats()) == (0, None)
+        assert checkpoints.load_checkpoint(path, _trainer(), FitStats()) == (0, None)
     assert "unreadable" in caplog.text
 
 
 def test_an_intact_checkpoint_and_one_without_checksum_resume(tmp_path):
     path = _checkpoint(tmp_path)
-    assert training._digest_path(path).exists()
-    assert training._load_checkpoint(path, _trainer(), FitStats())[0] == 1
-    training._digest_path(path).unlink()  # a checkpoint written before checksums
-    assert training._load_checkpoint(path, _trainer(), FitStats())[0] == 1
+    assert checkpoints.digest_path(path).exists()
+    assert checkpoints.load_checkpoint(path, _trainer(), FitStats())[0] == 1
+    checkpoints.digest_path(path).unlink()  # a checkpoint written before checksums
+    assert checkpoints.load_checkpoint(path, _trainer(), FitStats())[0] == 1

@@ -98,19 +98,19 @@ def test_a_killed_run_keeps_its_epochs_and_the_resumed_run_records_each_once(tmp
     changed = whole[whole.phase == "nws"].kernels_changed
     assert ((changed >= 0) & (changed <= 1)).all() and changed.notna().all()
 
-    save = training._save_checkpoint
+    save = training.save_checkpoint
 
     def killed_at_the_last_save(path, trainer, epochs_done, stats, running):
         if "nws" in path.name and epochs_done == 3:
             raise KeyboardInterrupt
         save(path, trainer, epochs_done, stats, running)
 
-    monkeypatch.setattr(training, "_save_checkpoint", killed_at_the_last_save)
+    monkeypatch.setattr(training, "save_checkpoint", killed_at_the_last_save)
     with pytest.raises(KeyboardInterrupt):
         run(_config(tmp_path / "resumed"))
     run_dir = next((tmp_path / "resumed").iterdir())
     assert len(read_epochs(run_dir)) == 6  # the killed run kept every epoch it finished
-    monkeypatch.setattr(training, "_save_checkpoint", save)
+    monkeypatch.setattr(training, "save_checkpoint", save)
     run(_config(tmp_path / "resumed"))
     resumed = read_epochs(run_dir)
     timing = ["seconds", "images_per_s"]

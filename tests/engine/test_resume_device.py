@@ -15,9 +15,10 @@ from torch import nn
 from benchmarks.core.protocols import resolve_protocol
 from benchmarks.core.results import TIMING_METRICS, load_rows
 from benchmarks.core.store import ArtifactStore
-from benchmarks.engine import training
+from benchmarks.engine import checkpoints, training
+from benchmarks.engine.checkpoints import CheckpointPolicy
 from benchmarks.engine.harness import RunConfig, RunConflictError, run
-from benchmarks.engine.training import CheckpointPolicy, FitStats, Trainer
+from benchmarks.engine.training import FitStats, Trainer
 
 
 class _Plain:
@@ -53,7 +54,7 @@ def _checkpoint(tmp_path: Path) -> Path:
     trainer.opt.step()  # an optimiser state to restore (momentum buffers)
     path = tmp_path / "phase.pt"
     torch.manual_seed(123)
-    training._save_checkpoint(path, trainer, 1, FitStats(steps=3), torch.tensor(0.5))
+    checkpoints.save_checkpoint(path, trainer, 1, FitStats(steps=3), torch.tensor(0.5))
     return path
 
 
@@ -80,7 +81,7 @@ def test_a_checkpoint_resumes_on_a_trainer_off_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(training.torch, "load", load)
     trainer = _trainer("meta")  # the training device is not the CPU
     stats = FitStats()
-    first, running = training._load_checkpoint(path, trainer, stats)
+    first, running = checkpoints.load_checkpoint(path, trainer, stats)
     assert seen == ["cpu"]
     assert (first, float(running), stats.steps) == (1, 0.5, 3)
     assert torch.equal(torch.get_rng_state(), expected_rng)
@@ -106,11 +107,11 @@ def test_only_the_training_devices_rng_state_is_saved_and_restored(monkeypatch):
         def get_rng_state_all():
             raise AssertionError("all devices' states are never saved")
 
-    monkeypatch.setattr(training, "_device_rng",
+    monkeypatch.setattr(checkpoints, "device_rng",
                         lambda d: FakeCuda if d.type == "cuda" else None)
-    state = training._rng_state(torch.device("cuda:1"))
+    state = checkpoints.rng_state(torch.device("cuda:1"))
     assert state["device_type"] == "cuda" and calls == [("get", "cuda:1")]
-    training._set_rng_state(state, torch.device("cuda:0"))  # requeued onto another GPU
+    checkpoints.set_rng_state(state, torch.device("cuda:0"))  # requeued onto another GPU
     assert calls[-1] == ("set", "cuda:0", 7)
 
 
@@ -121,7 +122,7 @@ def test_an_empty_scaler_state_loads_into_an_enabled_scaler(tmp_path):
     trainer = _trainer()
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)
     assert torch.load(path, weights_only=False)["scaler"] == {}
-    first, _ = training._load_checkpoint(path, trainer, FitStats())
+    first, _ = checkpoints.load_checkpoint(path, trainer, FitStats())
     assert first == 1 and trainer.scaler.is_enabled()
 
 
@@ -210,7 +211,7 @@ def test_a_time_interval_saves_when_due(monkeypatch, tmp_path):
     clock = iter(range(0, 10_000, 25))  # each reading 25 s later
     monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
     saved = []
-    monkeypatch.setattr(training, "_save_checkpoint",
+    monkeypatch.setattr(training, "save_checkpoint",  # the name fit calls
                         lambda path, trainer, epochs, stats, running: saved.append(epochs))
     from benchmarks.data import BENCHMARKS
 

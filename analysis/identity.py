@@ -7,7 +7,7 @@ What a difference is, per identity key:
 
 - ``options.*``: the method's resolved default options for the benchmark
   (``resolve_options(benchmark, {})``). Options that make a run one of the suite's named
-  extensions (:data:`analysis.runs.VARIANTS`, e.g. ``codec=delta``) give the variant's name
+  extensions (:data:`VARIANTS`, e.g. ``codec=delta``) give the variant's name
   instead (``nws-delta``), the other differences follow it.
 - ``protocol.*``: a field the run set with ``--set`` (its ``run_config.protocol_overrides``)
   whose resolved value differs from the named protocol's default for the benchmark (a
@@ -50,6 +50,7 @@ from typing import Any
 
 from benchmarks.core.grouping import flatten, group_key, splitting_identity
 from benchmarks.core.identity import fill_defaults
+from benchmarks.methods.table import METHODS
 from nws.search import device_default_search
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,29 @@ POLICY_DEFAULTS: dict[str, Callable[[str], Any]] = {"policy_search": device_defa
 # figures (a partial run: the tables say "1/20 partial" and that it is not comparable)
 PAPER_COMPARABLE = frozenset({"num_tasks"})
 _MAX_VALUE = 40  # longer values (file paths) are shown by their last part
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str  # the registered method
+    options: dict[str, Any]  # the run options that make a run this variant
+    label: str  # its description in table notes
+    short: str  # its name in table rows and figure legends
+
+
+VARIANTS: dict[str, Variant] = {
+    "nws-delta": Variant("nws", {"codec": "delta"},
+                         "nws-delta (suite's extension: task indices as lossless deltas, "
+                         "not the paper's method)", "nws-delta (suite's extension)"),
+}
+
+
+def method_class(method: str) -> tuple[type | None, str]:
+    """(class, "") or (None, why it cannot be imported): a teammate's file may be missing."""
+    try:
+        return METHODS.get(method), ""
+    except Exception as err:  # a missing or broken module must not stop the analysis
+        return None, f"{type(err).__name__}: {err}"
 
 
 @dataclass
@@ -86,8 +110,6 @@ class Member:
 
 @functools.cache
 def _default_options(method: str, benchmark: str) -> dict[str, Any] | None:
-    from analysis.runs import method_class
-
     cls, _ = method_class(method)
     if cls is None:
         return None
@@ -168,8 +190,6 @@ def _compose(base: str, diffs: dict[str, Any]) -> str:
 
 def _variant(method: str, flat: dict[str, Any], diffs: dict[str, Any]) -> tuple[str, dict]:
     """The variant whose options the differences include, with those options taken out."""
-    from analysis.runs import VARIANTS
-
     for name, v in VARIANTS.items():
         if v.method == method and all(flat.get(f"options.{k}") == x
                                       for k, x in v.options.items()):

@@ -15,7 +15,7 @@ results folder, so it can be sent as one file. Sections:
 - **Figures** from :func:`analysis.figures.build_figures`: Figure 3, Figure 4, memory growth,
   accuracy matrices;
 - **Training curves**: mean loss per epoch from each run's ``epochs.csv``
-  (:mod:`benchmarks.engine.epoch_log`);
+  (:mod:`benchmarks.core.epoch_log`);
 - **Provenance**: per table row (method, architecture): its runs, seeds, settings, suite
   commit, library versions and device, from each run's ``config.json`` and ``env.json``.
 """
@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt
 from analysis.figures import build_figures
 from analysis.runs import Run, load_runs, results_parser, select
 from analysis.tables import Table, build_tables
-from benchmarks.engine.epoch_log import read_epochs
+from benchmarks.core.epoch_log import read_epochs
 from benchmarks.exec.status import STATES, folder_statuses
 
 VERSIONS = ("python", "torch", "torchvision", "timm", "numpy", "pandas")

@@ -32,30 +32,14 @@ import numpy as np
 import pandas as pd
 
 from analysis.counts import class_counts
-from analysis.identity import Member, assign_labels, dedupe
+from analysis.identity import VARIANTS, Member, assign_labels, dedupe, method_class
 from benchmarks.core.results import NotARunError, read_rows, read_run_config, rows_damage
 from benchmarks.core.store import ArtifactStore
 from benchmarks.methods.contract import ANALYSIS_HOOKS
-from benchmarks.methods.table import METHODS
 
 log = logging.getLogger(__name__)
 
 PAPER_POOL_SIZE = 512  # paper §4.3: n^l = 512 kernels per pool
-
-
-@dataclass(frozen=True)
-class Variant:
-    method: str  # the registered method
-    options: dict[str, Any]  # the run options that make a run this variant
-    label: str  # its description in table notes
-    short: str  # its name in table rows and figure legends
-
-
-VARIANTS: dict[str, Variant] = {
-    "nws-delta": Variant("nws", {"codec": "delta"},
-                         "nws-delta (suite's extension: task indices as lossless deltas, "
-                         "not the paper's method)", "nws-delta (suite's extension)"),
-}
 
 
 def label_base(label: str) -> str:
@@ -239,14 +223,6 @@ def select(runs: list[Run], **want: Any) -> list[Run]:
 
 
 @functools.cache
-def method_class(method: str) -> tuple[type | None, str]:
-    """(class, "") or (None, why it cannot be imported): a teammate's file may be missing."""
-    try:
-        return METHODS.get(method), ""
-    except Exception as err:  # a missing or broken module must not stop the analysis
-        return None, f"{type(err).__name__}: {err}"
-
-
 def method_hook(method: str, hook: str) -> Callable[..., Any] | int | None:
     """The method's declared analysis hook ``hook`` (:data:`ANALYSIS_HOOKS`), or None when
     the class cannot be imported or does not declare it. Raises ``KeyError`` for a name the

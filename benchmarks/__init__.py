@@ -16,4 +16,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("benchmarks.exec",),  # the run CLI, the sweep plan, launchers, status, prefetch
     ("benchmarks.perf",),  # measuring tools
     ("benchmarks",),  # entry modules
+    # the sweep's one-page report shows its status (benchmarks.exec.status): above exec
+    ("analysis.report",),
 )

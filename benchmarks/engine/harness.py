@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.core.device_policy import DevicePolicy, resolve_device
+from benchmarks.core.epoch_log import EpochLog
 from benchmarks.core.identity import (
     RunConflictError,
     check_resumable,
@@ -47,7 +48,6 @@ from benchmarks.engine.checkpoints import (
     checkpoint_folder,
     checkpoint_prefix,
 )
-from benchmarks.engine.epoch_log import EpochLog
 from benchmarks.engine.trackers import TrackerSet
 from benchmarks.engine.training import FitStats, evaluate, fit
 from benchmarks.methods.contract import Method, MethodContext, TaskInfo

@@ -1,7 +1,7 @@
 """Experiment trackers: ``--logger tensorboard|wandb|csv`` (repeatable).
 
 One small interface the harness calls: :meth:`Tracker.epoch` after each training epoch (the
-:class:`benchmarks.engine.epoch_log.EpochRecord` also written to ``epochs.csv``),
+:class:`benchmarks.core.epoch_log.EpochRecord` also written to ``epochs.csv``),
 :meth:`Tracker.task` after each task is evaluated (its result rows: the accuracy row of every
 task learned so far, stored bytes, timings), :meth:`Tracker.close` at the run's end.
 
@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from benchmarks.core.epoch_log import EpochRecord
 from benchmarks.core.registry import Registry
-from benchmarks.engine.epoch_log import EpochRecord
 
 EXTRA = "pip install 'nws-bench[track]'"
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from benchmarks.core.device_policy import DevicePolicy, compile_mode, compile_options
+from benchmarks.core.epoch_log import PhaseRecorder
 from benchmarks.core.protocols import Protocol
 from benchmarks.core.seeding import derive_seed, generator, seed_global
 from benchmarks.data.batches import DeviceBatches, batches_per_epoch, device_generator
@@ -27,7 +28,6 @@ from benchmarks.engine.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from benchmarks.engine.epoch_log import PhaseRecorder
 from benchmarks.engine.loss_monitor import LossMonitor, LossReading
 from benchmarks.methods.contract import Method
 from nws.optim import zero_momentum_buffers
@@ -242,7 +242,7 @@ def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, 
     ``protocol.drop_last`` decides the last partial batch (a batch of one image is always
     dropped: BatchNorm cannot train on it); kept, it is the one batch of another size.
 
-    ``recorder``: per-epoch records (:mod:`benchmarks.engine.epoch_log`): called around each epoch
+    ``recorder``: per-epoch records (:mod:`benchmarks.core.epoch_log`): called around each epoch
     and given each step's loss on the device; it reads once per epoch, after the epoch's wait.
     """
     stats = stats if stats is not None else FitStats()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.core.protocols import PROTOCOLS
 from benchmarks.data import BENCHMARKS
-from benchmarks.exec.launch import add_launcher_arguments
+from benchmarks.exec.plan import add_launcher_arguments
 from benchmarks.exec.runs import (
     CLI_ERRORS,
     PROG,

@@ -8,7 +8,7 @@ Each run is one of:
 
 - ``done``: every planned task has its accuracy row;
 - ``running``: a live process holds the run folder's lock (:mod:`benchmarks.core.lock`); with
-  the last epoch trained and its mean loss (``epochs.csv``, :mod:`benchmarks.engine.epoch_log`),
+  the last epoch trained and its mean loss (``epochs.csv``, :mod:`benchmarks.core.epoch_log`),
   also shown for ``partial`` runs;
 - ``partial``: a folder with fewer tasks learned than planned, and no live holder (killed,
   waiting for a requeue, or never launched again), with the time of its last progress (the
@@ -39,9 +39,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.core.epoch_log import FILE, read_epochs
 from benchmarks.core.lock import is_locked
 from benchmarks.core.results import COLUMNS, NotARunError, read_rows, read_run_config, rows_damage
-from benchmarks.engine.epoch_log import FILE, read_epochs
 from benchmarks.exec.sweep import Job, find_run_dir, sweep_dir
 
 STATES = ("done", "running", "partial", "failed", "missing", "damaged", "not-run")
@@ -59,7 +59,7 @@ class RunStatus:
     mean_accuracy: float | None = None
     error: str | None = None
     log: str | None = None
-    last_epoch: dict | None = None  # the last row of epochs.csv (benchmarks.engine.epoch_log)
+    last_epoch: dict | None = None  # the last row of epochs.csv (benchmarks.core.epoch_log)
     note: str | None = None
 
     def line(self) -> str:
@@ -169,7 +169,7 @@ def _record_problem(record: dict) -> str | None:
 
 
 def job_status(out: str | Path, job: Job) -> RunStatus:
-    from benchmarks.exec.launch.job import read_record
+    from benchmarks.exec.records import read_record
 
     run_dir = find_run_dir(out, job)
     status = folder_progress(run_dir) if run_dir is not None else RunStatus(job.key, "missing")
@@ -215,7 +215,8 @@ def report(statuses: list[RunStatus]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.exec import run as cli
+    from benchmarks.exec.plan import add_launcher_arguments
+    from benchmarks.exec.runs import CLI_ERRORS, add_run_arguments
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.status", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,20 +224,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="the folder of run folders (default: --out of the plan flags, else "
                         "results/runs)")
     args, plan_flags = p.parse_known_args(argv)
-    run_parser = cli.parser()
-    run_parser.prog = p.prog  # its errors name this command
+    run_parser = argparse.ArgumentParser(prog=p.prog)  # its errors name this command
+    add_run_arguments(run_parser)
+    add_launcher_arguments(run_parser)
     run_args = run_parser.parse_args(plan_flags)  # the sweep's own flags (launcher's too)
     results = args.results or run_args.out
     if not Path(results).is_dir() and not plan_flags:
         print(f"error: {results} is not a folder of run folders", file=sys.stderr)
         return 2
     if plan_flags:  # a sweep not started yet (no folder): every planned run is missing
-        from benchmarks.exec.launch import plan_jobs
+        from benchmarks.exec.plan import plan_jobs
 
         run_args.out = results
         try:
             statuses = [job_status(results, j) for j in plan_jobs(run_args)]
-        except cli.CLI_ERRORS as err:
+        except CLI_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     else:

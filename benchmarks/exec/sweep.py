@@ -29,11 +29,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.core.checks import Range
 from benchmarks.engine.harness import RunConfig
 
 SWEEP_DIR = ".sweep"
 MATCH_FIELDS = ("method", "seed", "benchmark", "arch", "protocol", "num_tasks", "pretrained",
                 "method_options", "protocol_overrides", "benchmark_options", "deterministic")
+
+
+# Valid ranges of the launcher's count flags (benchmarks.core.checks), given to their parsers.
+AT_LEAST_ONE = Range(1, None, "a count of jobs, runs, GPUs' slots or CPUs: at least one",
+                     integer=True)
+GPUS = Range(0, None, "GPUs per job: 0 runs on the CPU", integer=True)
+REQUEUES = Range(0, None, "requeues after a timeout: 0 leaves a timed-out run partial",
+                 integer=True)
+MEM_GB = Range(0, None, "memory per job in GB: more than none", lo_open=True)
 
 
 def _json(obj: Any) -> Any:

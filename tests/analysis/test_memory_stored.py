@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.runs import method_class
+from analysis.identity import method_class
 from benchmarks.core.store import ArtifactStore
 from benchmarks.engine.harness import RunConfig, run
 from benchmarks.methods.table import METHODS

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from analysis import report
-from benchmarks.engine.epoch_log import EpochCSV, EpochRecord
+from benchmarks.core.epoch_log import EpochCSV, EpochRecord
 from tests.analysis.test_tables_partial import _write_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -160,7 +160,7 @@ def test_a_relative_path_is_one_run_inline_and_through_a_launcher(tmp_path, monk
     from benchmarks.exec.launch import plan_jobs
 
     p = cli.parser()
-    job = plan_jobs(p, p.parse_args([*argv, "--launcher", "local"]))[0]
+    job = plan_jobs(p.parse_args([*argv, "--launcher", "local"]))[0]
     assert inline.pretrained == str(tmp_path / "w.pt") == job.match["pretrained"]
     assert inline.method_options["pools"] == str(pools) == job.match["method_options"]["pools"]
     jobbed = cli.run_configs(cli.parser().parse_args(list(job.argv)))[0]

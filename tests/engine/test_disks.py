@@ -110,7 +110,7 @@ def test_a_finished_run_on_a_read_only_disk_reports_done_without_its_lock(tmp_pa
     monkeypatch.setattr(atomic, "temporary_path", lambda path: path.with_name(".t.tmp"))
     monkeypatch.setattr(os, "fsync", read_only)
     parser = cli.parser()
-    (job,) = plan_jobs(parser, parser.parse_args([*RUN, "--out", str(tmp_path)]))
+    (job,) = plan_jobs(parser.parse_args([*RUN, "--out", str(tmp_path)]))
     assert run_job(job, tmp_path) == 0
     err = capsys.readouterr().err
     assert "job record" in err and "read-only" in err and _leftovers(tmp_path) == []

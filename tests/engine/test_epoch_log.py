@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks.engine.epoch_log import (
+from benchmarks.core.epoch_log import (
     COLUMNS,
     EpochCSV,
     EpochLog,

@@ -9,9 +9,9 @@ import types
 import pandas as pd
 import pytest
 
+from benchmarks.core.epoch_log import EpochRecord
 from benchmarks.core.results import load_rows
 from benchmarks.engine import trackers
-from benchmarks.engine.epoch_log import EpochRecord
 from benchmarks.engine.harness import RunConfig, run
 from benchmarks.exec import run as cli
 

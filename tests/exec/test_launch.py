@@ -22,7 +22,8 @@ from benchmarks.core.results import TIMING_METRICS, load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.exec import run as cli
 from benchmarks.exec.launch import plan_jobs
-from benchmarks.exec.launch.job import job_command, read_record, run_job
+from benchmarks.exec.launch.job import job_command, run_job
+from benchmarks.exec.records import read_record
 from benchmarks.exec.status import job_status
 from benchmarks.exec.sweep import find_run_dir
 

@@ -13,93 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.core.checks import Range, flag_type
-from benchmarks.core.identity import resolve_input_path, resolve_option_paths
-from benchmarks.core.registry import Registry
-from benchmarks.exec.runs import job_argv, run_configs
-from benchmarks.exec.sweep import Job, job_table, plan
+from benchmarks.exec.plan import LAUNCHERS, plan_jobs
+from benchmarks.exec.sweep import job_table
 
-LAUNCHERS: Registry = Registry("launcher")
-LAUNCHERS.register("local", "benchmarks.exec.launch.local:launch_local",
-                   "N concurrent processes on this machine (--jobs N, or --per-gpu K)")
-LAUNCHERS.register("slurm", "benchmarks.exec.launch.slurm:launch_slurm",
-                   "a SLURM job array through submitit, requeued on timeout or preemption")
-
-
-# Valid ranges of the launcher's count flags (benchmarks.core.checks), given to their parsers.
-AT_LEAST_ONE = Range(1, None, "a count of jobs, runs, GPUs' slots or CPUs: at least one",
-                     integer=True)
-GPUS = Range(0, None, "GPUs per job: 0 runs on the CPU", integer=True)
-REQUEUES = Range(0, None, "requeues after a timeout: 0 leaves a timed-out run partial",
-                 integer=True)
-MEM_GB = Range(0, None, "memory per job in GB: more than none", lo_open=True)
-
-
-def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("launcher", "how the runs are placed (never passed to a run)")
-    g.add_argument("--launcher", default="inline", choices=["inline", *LAUNCHERS.names()],
-                   help="inline: here, one run after the other (default); local: N processes; "
-                        "slurm: a job array")
-    g.add_argument("--dry-run", action="store_true", help="print the job table and exit")
-    g.add_argument("--jobs", type=flag_type(int, AT_LEAST_ONE), default=None,
-                   help="local: concurrent runs (default 1, or the GPU slots of --per-gpu)")
-    g.add_argument("--per-gpu", type=flag_type(int, AT_LEAST_ONE), default=None,
-                   help="local: runs packed onto each GPU (pinned with CUDA_VISIBLE_DEVICES)")
-    g.add_argument("--gpus", default=None,
-                   help="local: physical GPU ids to pin runs to, e.g. 0,1 (as "
-                        "CUDA_VISIBLE_DEVICES takes them; each must be visible here); "
-                        "default with --per-gpu: $CUDA_VISIBLE_DEVICES or every visible GPU; "
-                        "alone: --per-gpu 1")
-    s = p.add_argument_group("slurm", "the SLURM array (flags override --slurm-config)")
-    s.add_argument("--slurm-config", default=None,
-                   help="JSON file with any of: partition, time, gpus, cpus, mem_gb, "
-                        "parallelism, sbatch (dict), setup (list of shell lines)")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--time", default=None,
-                   help="per run: minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]], as sbatch reads "
-                        "them (default 60; a run past it is requeued and resumes)")
-    s.add_argument("--gpus-per-job", dest="slurm_gpus", type=flag_type(int, GPUS), default=None)
-    s.add_argument("--cpus-per-job", dest="slurm_cpus", type=flag_type(int, AT_LEAST_ONE),
-                   default=None)
-    s.add_argument("--mem-gb", type=flag_type(float, MEM_GB), default=None)
-    s.add_argument("--parallelism", type=flag_type(int, AT_LEAST_ONE), default=None,
-                   help="array tasks running at once (%%N)")
-    s.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
-                   help="any other sbatch option, e.g. --sbatch account=abc --sbatch qos=high")
-    s.add_argument("--max-requeue", type=flag_type(int, REQUEUES), default=3,
-                   help="requeues on timeout before a run is left partial")
-
-
-def normalise_paths(args: argparse.Namespace) -> None:
-    """Absolute paths: a job may start in another folder (or on another machine)."""
-    for name in ("out", "data_root", "kernels_dir"):
-        if getattr(args, name):
-            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
-    for name in ("weights", "pretrained"):  # a keyword stays; any path is made absolute
-        setattr(args, name, resolve_input_path(getattr(args, name)))
-    args.opt = [resolve_opt_item(item, args.benchmark) for item in args.opt or []] or None
-
-
-def resolve_opt_item(item: str, benchmark: str) -> str:
-    """A ``--opt KEY=VALUE`` with VALUE resolved as the run resolves it, when some method
-    declares KEY an input file (:func:`benchmarks.core.identity.resolve_option_paths`)."""
-    from benchmarks.exec.runs import _value
-    from benchmarks.methods.table import METHODS
-
-    key, sep, value = item.partition("=")
-    for name in METHODS.names():
-        settings = METHODS.get(name).settings(benchmark)
-        if sep and key in settings and isinstance(_value(value), str):
-            resolved = resolve_option_paths(settings, {key: _value(value)})[key]
-            if resolved != _value(value):
-                return f"{key}={resolved}"
-    return item
-
-
-def plan_jobs(args: argparse.Namespace) -> list[Job]:
-    """The sweep of a ``benchmarks.run`` command line, one job per (seed, method)."""
-    normalise_paths(args)
-    return plan(run_configs(args), lambda cfg: job_argv(args, cfg))
+__all__ = ["LAUNCHERS", "launch", "plan_jobs"]
 
 
 def launch(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:

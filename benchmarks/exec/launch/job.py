@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import time
 import traceback
@@ -23,44 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core.lock import RunLockedError
-from benchmarks.exec.sweep import Job, find_run_dir, sweep_dir
-from nws.atomic import StorageError, atomic_write_text
-
-
-def record_path(out: str | Path, key: str) -> Path:
-    return sweep_dir(out) / "jobs" / f"{key}.json"
-
-
-def read_record(out: str | Path, key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(record_path(out, key).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_record(out: str | Path, job: Job, state: str, *, error: str | None = None,
-                 log: str | None = None, launcher: dict[str, Any] | None = None,
-                 started: float | None = None) -> dict[str, Any]:
-    record = {"key": job.key, "method": job.method, "seed": job.seed, "state": state,
-              "error": error, "log": log, "launcher": launcher or {},
-              "host": socket.gethostname(), "pid": os.getpid(),
-              "started": started, "ended": time.time(), "command": job.command_text()}
-    text = json.dumps(record, indent=2, sort_keys=True)
-    atomic_write_text(record_path(out, job.key), text)
-    run_dir = find_run_dir(out, job)
-    if run_dir is not None:
-        atomic_write_text(run_dir / "job.json", text)
-    return record
-
-
-def _record(out: str | Path, job: Job, state: str, **kwargs: Any) -> None:
-    """:func:`write_record`; a record that cannot be written (a full or read-only disk) is
-    a warning naming the file: the run folder itself still says how far the run got."""
-    try:
-        write_record(out, job, state, **kwargs)
-    except StorageError as err:
-        print(f"warning: the job record of {job.key} ({state}) was not written: {err}",
-              file=sys.stderr, flush=True)
+from benchmarks.exec.records import _record
+from benchmarks.exec.sweep import Job
 
 
 def run_job(job: Job, out: str | Path, log: str | None = None,

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.exec.launch.job import job_command, read_record, write_record
+from benchmarks.exec.launch.job import job_command
+from benchmarks.exec.records import read_record, write_record
 from benchmarks.exec.sweep import Job, sweep_dir
 from nws.atomic import storage_error
 

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core.checks import Range
-from benchmarks.exec.launch import AT_LEAST_ONE, GPUS, MEM_GB
 from benchmarks.exec.launch.job import run_job
-from benchmarks.exec.sweep import Job, sweep_dir
+from benchmarks.exec.sweep import AT_LEAST_ONE, GPUS, MEM_GB, Job, sweep_dir
 
 try:
     import submitit

@@ -43,7 +43,7 @@ from benchmarks.methods import METHODS
 from benchmarks.opcount import OpCounter
 from benchmarks.protocols import resolve_protocol
 from benchmarks.store import ArtifactStore
-from benchmarks.training import Trainer
+from benchmarks.training import Trainer, compile_model
 
 PLAIN = "finetune"
 CLASSES = 10
@@ -227,7 +227,7 @@ def count_compile(name: str, *, arch: str = "resnet18", batch: int = 32, size: i
     with cuda_code_path(search), tempfile.TemporaryDirectory() as tmp:
         method = build_method(name, arch, options=options)
         trainer = build_trainer(method, Path(tmp))
-        trainer.forward = torch.compile(trainer.model, backend="eager")
+        trainer.forward = compile_model(trainer.model, backend="eager")
         x, y = synthetic_batch(batch, size, method.ctx.device)
         for _ in range(steps):
             trainer.step(x, y)

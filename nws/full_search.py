@@ -104,11 +104,15 @@ class VectorPoolsSearch:
             parts.append(torch.cat([dist.argmin(1, keepdim=True), top], 1))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    @torch.no_grad()
     def search(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``rows[l]``: (R_l, D) float32 of layer l. Returns the selected entries (R_l, D) per
         layer and the index of every row into :attr:`table` (layer l's entry i is
-        ``offsets[l] + i``), all rows of all layers in order."""
+        ``offsets[l] + i``), all rows of all layers in order. (``no_grad`` inside, not as a
+        decorator: dynamo cannot call a decorated method of an object made in its graph.)"""
+        with torch.no_grad():
+            return self._search(rows)
+
+    def _search(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         with full_precision(self.device):
             cands = [self._candidates(r, i) for i, r in enumerate(rows)]
         if len(cands) > 1:
@@ -141,12 +145,12 @@ class ScalarPoolSearch:
                              strict=True):
             mine.copy_(new)
 
-    @torch.no_grad()
     def search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rows`` (R, 1) or (R,). Returns the selected values (R, 1) and each row's rank
         among the sorted values (:meth:`index` turns ranks into pool indices)."""
-        rank = torch.searchsorted(self.thresholds, rows.reshape(-1).float(), right=True)
-        return self.values.index_select(0, rank)[:, None], rank
+        with torch.no_grad():
+            rank = torch.searchsorted(self.thresholds, rows.reshape(-1).float(), right=True)
+            return self.values.index_select(0, rank)[:, None], rank
 
     def index(self, rank: torch.Tensor) -> torch.Tensor:
         """Pool indices (int64) of ranks from :meth:`search`."""

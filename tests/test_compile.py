@@ -18,8 +18,17 @@ from torch import nn
 from benchmarks.archs import ARCHS, ArchSpec
 from benchmarks.device_policy import DevicePolicy, compile_mode
 from benchmarks.methods import METHODS
-from benchmarks.profile import build_method, build_trainer, count_compile, main, synthetic_batch
+from benchmarks.profile import (
+    build_method,
+    build_trainer,
+    count_compile,
+    cuda_code_path,
+    main,
+    synthetic_batch,
+)
 from benchmarks.registry import Entry
+from benchmarks.training import compile_model
+from nws import nws_layers
 
 TINY = "tiny-test-net"
 TINY_NWS = {"pool_size": 16, "kmeans_points": 256}
@@ -95,10 +104,8 @@ WHOLE_PENDING = "issue 25: not yet captured whole (see benchmarks.profile --comp
 
 @pytest.mark.parametrize("method", [
     "finetune", "packnet",
-    pytest.param("ksm", marks=[pytest.mark.slow,
-                               pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
-    pytest.param("nws", marks=[pytest.mark.slow,
-                               pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
+    pytest.param("ksm", marks=pytest.mark.slow),
+    pytest.param("nws", marks=pytest.mark.slow),
     pytest.param("aqd", marks=[pytest.mark.slow,
                                pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
 ])
@@ -115,3 +122,47 @@ def test_profile_reports_graphs_breaks_and_recompiles(tiny_arch, capsys):
                  "--batch", "4", "--size", "8", "--warmup", "1"]) == 0
     row = capsys.readouterr().out.splitlines()[2].split()
     assert row[:5] == ["finetune", "2", "0", "1", "yes"]  # graphs: batch 4 and 3
+
+
+def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[torch.Tensor]]:
+    """Logits, losses, the model's state after the last step and NWS's indices of each step,
+    on the CUDA code path (NWS: the full search), eager or compiled with the eager backend
+    (the graph dynamo captures, run op for op: equal values down to the bit). Step 2 is a
+    short batch, every step a new batch."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    out: dict[str, list[torch.Tensor]] = {"logits": [], "loss": [], "index": []}
+    with cuda_code_path("full"), tempfile.TemporaryDirectory() as tmp:
+        m = build_method(method, TINY, options=TINY_NWS if method == "nws" else None)
+        trainer = build_trainer(m, Path(tmp))
+        forward = compile_model(trainer.model, backend="eager") if compiled else trainer.model
+
+        def recorded(x: torch.Tensor) -> torch.Tensor:
+            logits = forward(x)
+            out["logits"].append(logits.detach().clone())
+            return logits
+
+        trainer.forward = recorded
+        for i in range(steps):
+            x, y = synthetic_batch(4 - (i == 2), 8, torch.device("cpu"), seed=i)
+            out["loss"].append(trainer.step(x, y).clone())
+            out["index"] += [layer.last_index().clone()
+                             for layer in nws_layers(trainer.model).values()]
+        out["state"] = [v.detach().clone() for v in trainer.model.state_dict().values()]
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nws", "ksm"])
+def test_captured_step_equals_eager(method, tiny_arch):
+    """The whole-step capture (NWS's pure search in the graph, KSM's bank traced with the
+    forward) changes no value: logits, losses, updated weights and buffers, and NWS's
+    indices of every step equal the eager step's exactly."""
+    eager, compiled = _run_steps(method, False), _run_steps(method, True)
+    for name, values in eager.items():
+        assert len(values) == len(compiled[name]) > 0 or name == "index"
+        for a, b in zip(values, compiled[name], strict=True):
+            assert torch.equal(a, b), name
+    if method == "nws":
+        assert len(eager["index"]) == 4 * 3  # conv1, conv2, the head, every step

@@ -168,6 +168,13 @@ class NWSLayer(nn.Module):
     ``.data`` reaches a forward only after one of the calls above, and the similarity
     term's reuse of the forward's K (same step, by W's version and storage) does not see a
     ``.data`` write between the forward and the loss.
+
+    Under ``torch.compile`` (issue 25) a full-path forward runs :meth:`_compiled_selected`:
+    the layer's own exact search, tables made from the pool in the graph, no Python checks,
+    so the step is captured whole (0 graph breaks; a recompile only for a new batch shape:
+    ``python -m benchmarks.profile --compile-counts``) with the eager path's values. The
+    certificates path is incremental by design (data-dependent sizes, host reads) and stays
+    fragmented under compile: its eager code runs between many small graphs.
     """
 
     def __init__(self, weight: torch.Tensor, pool: torch.Tensor, group_size: int = 1,
@@ -262,7 +269,7 @@ class NWSLayer(nn.Module):
         written through ``.data``; on the certificates path compared with a copy, a sync:
         only the public calls do this, never a training step)."""
         key = self._state_key()
-        if not force and self._key is _COMPILED:  # the compiled forward's K, this step's
+        if not force and self._key == _COMPILED:  # the compiled forward's K, this step's
             self._key = key
         if self._key == key and not force:
             return

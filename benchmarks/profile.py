@@ -214,7 +214,8 @@ def count_compile(name: str, *, arch: str = "resnet18", batch: int = 32, size: i
     """Dynamo's counts over ``steps`` training steps of ``name``, one step of a short last
     batch (``batch - 1``: a second shape) and one more full step, on the CUDA code path.
 
-    The model's forward is compiled with the ``eager`` backend: graphs, breaks and
+    The model's call (its forward hooks with it) is compiled as the Trainer compiles it
+    (:func:`benchmarks.training.compile_model`), with the ``eager`` backend: graphs, breaks and
     recompiles are decided by dynamo before any backend runs (the same for inductor on CPU
     and CUDA graphs on a GPU), and nothing is code-generated, so counting is quick. On a GPU
     each break ends a CUDA graph and each recompile records another."""

@@ -326,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     if args.compile_counts:
         print(f"# {args.arch}, batch {args.batch} (then {args.batch - 1}), {args.size}x"
-              f"{args.size}, NWS search {args.search}; torch.compile of the model's forward")
+              f"{args.size}, NWS search {args.search}; torch.compile of the model's call "
+              "(hooks included)")
         print(format_compile_table([
             count_compile(m, arch=args.arch, batch=args.batch, size=args.size,
                           search=args.search, steps=args.warmup) for m in methods]))

@@ -109,9 +109,8 @@ def full_precision(device: torch.device):
     The search runs inside the forward pass, so under AMP its products would otherwise be
     bf16 and neither the argmin nor the certificates would be exact. Inside a
     ``torch.compile`` graph only autocast is switched off: the matmul precision flags are
-    host state a graph cannot set, so there the products follow the process's flags (IEEE
-    unless TF32 was switched on, which :class:`benchmarks.device_policy.DevicePolicy` does
-    on CUDA under bf16/fp16 only).
+    host state a graph cannot set, so the full search's product is then an opaque op that
+    sets them itself (:func:`nws.full_search.ieee_addmm`).
     """
     if torch.compiler.is_compiling():  # precision flags cannot be set inside a graph
         with torch.autocast(device_type=device.type, enabled=False):

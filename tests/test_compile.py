@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import nws
 from benchmarks.archs import ARCHS, ArchSpec
 from benchmarks.device_policy import DevicePolicy, compile_mode
 from benchmarks.methods import METHODS
@@ -166,3 +167,34 @@ def test_captured_step_equals_eager(method, tiny_arch):
             assert torch.equal(a, b), name
     if method == "nws":
         assert len(eager["index"]) == 4 * 3  # conv1, conv2, the head, every step
+
+
+def test_compiled_search_product_is_ieee_whatever_the_tf32_flags(monkeypatch):
+    """A graph cannot set the matmul precision flags the eager search sets around its product
+    (policy: TF32 on under CUDA AMP); inside one the product is an opaque op that sets them
+    itself: IEEE while it runs, the user's TF32 setting back after, values as eager."""
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    seen, real = [], torch.addmm
+
+    def spy(*args, **kwargs):
+        seen.append(m.fp32_precision)
+        return real(*args, **kwargs)
+
+    torch.manual_seed(0)
+    layer = nws.NWSConv2d(nn.Conv2d(3, 4, 3, bias=False), torch.randn(16, 9) * 0.2,
+                          search="full")
+    x = torch.randn(2, 3, 6, 6)
+    saved = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        monkeypatch.setattr(torch, "addmm", spy)
+        torch._dynamo.reset()
+        out = torch.compile(layer, backend="eager")(x)
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = saved
+        torch._dynamo.reset()
+    assert seen == ["ieee"]  # the one product, in IEEE
+    assert torch.equal(out, layer(x))

@@ -152,13 +152,19 @@ class MultiplierBank:
         self._index: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layer id per kernel, kernels per layer) on ``device``: shapes only, cached."""
+        """(layer id per kernel, kernels per layer) on ``device``: shapes only, cached; made
+        afresh in a compiled forward (constants of the graph; filling the cache there would
+        change a guarded dict and recompile the step once)."""
+        if torch.compiler.is_compiling():
+            return self._make_segments(device)
         if device not in self._index:
-            lengths = torch.tensor(self.sizes, device=device)
-            layer = torch.arange(len(self.sizes), device=device)
-            self._index[device] = (layer.repeat_interleave(lengths, output_size=sum(self.sizes)),
-                                   lengths)
+            self._index[device] = self._make_segments(device)
         return self._index[device]
+
+    def _make_segments(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor(self.sizes, device=device)
+        layer = torch.arange(len(self.sizes), device=device)
+        return layer.repeat_interleave(lengths, output_size=sum(self.sizes)), lengths
 
     def multipliers(self, training: bool) -> list[torch.Tensor]:
         """``[layer.multiplier()[:, :, None, None] for layer in layers]``, at once."""

@@ -34,13 +34,28 @@ from __future__ import annotations
 
 import torch
 
-from nws.search import full_precision
+from nws.search import full_precision, ieee_fp32_matmul
 
 # Candidates per row rechecked exactly (step 2 above).
 REFINE = 4
 # Distances per chunk of rows (float32): 2^26 = 256 MiB, 131,072 rows of a 512-entry pool
 # (ResNet-18's largest layers in two chunks: fewer launches, memory a GPU has to spare).
 CHUNK_ELEMENTS = 2**26
+
+
+@torch.library.custom_op("nws::ieee_addmm", mutates_args=())
+def ieee_addmm(bias: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``addmm(bias, rows, weight)`` in IEEE float32 whatever the TF32 flags say: the search's
+    product inside a ``torch.compile`` graph, which cannot set those host flags itself (an
+    opaque op: the flags are set around it when it runs, also while a CUDA graph records)."""
+    with ieee_fp32_matmul():
+        return torch.addmm(bias, rows, weight)
+
+
+@ieee_addmm.register_fake
+def _ieee_addmm_shape(bias: torch.Tensor, rows: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[1])
 
 
 def refine_dtype(device: torch.device) -> torch.dtype:
@@ -96,19 +111,24 @@ class VectorPoolsSearch:
         the k smallest (``topk``, whose choice among ties is unspecified), chunked."""
         weight, sq = self.weights[layer], self.sq[layer]
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[1])
+        # eager: full_precision has set the flags; a graph cannot (same op, same values)
+        addmm = ieee_addmm if torch.compiler.is_compiling() else torch.addmm
         parts = []
         for s in range(0, rows.shape[0], chunk):
-            dist = torch.addmm(sq, rows if rows.shape[0] <= chunk else rows[s: s + chunk],
-                               weight)
+            dist = addmm(sq, rows if rows.shape[0] <= chunk else rows[s: s + chunk], weight)
             top = dist.topk(self.k, 1, largest=False, sorted=False).indices
             parts.append(torch.cat([dist.argmin(1, keepdim=True), top], 1))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    @torch.no_grad()
     def search(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``rows[l]``: (R_l, D) float32 of layer l. Returns the selected entries (R_l, D) per
         layer and the index of every row into :attr:`table` (layer l's entry i is
-        ``offsets[l] + i``), all rows of all layers in order."""
+        ``offsets[l] + i``), all rows of all layers in order. (``no_grad`` inside, not as a
+        decorator: dynamo cannot call a decorated method of an object made in its graph.)"""
+        with torch.no_grad():
+            return self._search(rows)
+
+    def _search(self, rows: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         with full_precision(self.device):
             cands = [self._candidates(r, i) for i, r in enumerate(rows)]
         if len(cands) > 1:
@@ -141,12 +161,12 @@ class ScalarPoolSearch:
                              strict=True):
             mine.copy_(new)
 
-    @torch.no_grad()
     def search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``rows`` (R, 1) or (R,). Returns the selected values (R, 1) and each row's rank
         among the sorted values (:meth:`index` turns ranks into pool indices)."""
-        rank = torch.searchsorted(self.thresholds, rows.reshape(-1).float(), right=True)
-        return self.values.index_select(0, rank)[:, None], rank
+        with torch.no_grad():
+            rank = torch.searchsorted(self.thresholds, rows.reshape(-1).float(), right=True)
+            return self.values.index_select(0, rank)[:, None], rank
 
     def index(self, rank: torch.Tensor) -> torch.Tensor:
         """Pool indices (int64) of ranks from :meth:`search`."""

@@ -61,6 +61,10 @@ def similarity_sum(layers: Sequence[NWSLayer], beta: float) -> torch.Tensor:
     return _SimilaritySum.apply(ks, scales, *(layer.weight for layer in layers))
 
 
+# ``NWSLayer._key`` after a compiled forward: K is that forward's, W's version unknown there.
+_COMPILED = ("compiled",)
+
+
 def _rewritten(before: tuple, now: tuple) -> bool:
     """Whether the pools keyed ``now`` are those keyed ``before`` (same layers, storage,
     device and shape), only written since (a newer version): their searcher's tables are
@@ -164,6 +168,13 @@ class NWSLayer(nn.Module):
     ``.data`` reaches a forward only after one of the calls above, and the similarity
     term's reuse of the forward's K (same step, by W's version and storage) does not see a
     ``.data`` write between the forward and the loss.
+
+    Under ``torch.compile`` (issue 25) a full-path forward runs :meth:`_compiled_selected`:
+    the layer's own exact search, tables made from the pool in the graph, no Python checks,
+    so the step is captured whole (0 graph breaks; a recompile only for a new batch shape:
+    ``python -m benchmarks.profile --compile-counts``) with the eager path's values. The
+    certificates path is incremental by design (data-dependent sizes, host reads) and stays
+    fragmented under compile: its eager code runs between many small graphs.
     """
 
     def __init__(self, weight: torch.Tensor, pool: torch.Tensor, group_size: int = 1,
@@ -258,6 +269,8 @@ class NWSLayer(nn.Module):
         written through ``.data``; on the certificates path compared with a copy, a sync:
         only the public calls do this, never a training step)."""
         key = self._state_key()
+        if not force and self._key == _COMPILED:  # the compiled forward's K, this step's
+            self._key = key
         if self._key == key and not force:
             return
         if key[-1] == "full":
@@ -330,9 +343,33 @@ class NWSLayer(nn.Module):
         k = self.pool[self.last_index()].view_as(self.weight)
         return F.mse_loss(k, self.weight.detach())
 
+    @torch.no_grad()
+    def _compiled_selected(self) -> torch.Tensor:
+        """K for a forward inside ``torch.compile`` on the full path: this layer's exact full
+        search (the same searchers and values as :class:`SearchGroup`'s, one layer at a
+        time), its tables made from the pool in the graph: a pure function of W and the pool,
+        with none of the eager path's Python checks of versions, storage and caches (each a
+        graph break or a recompile). The result is kept for :meth:`step_selected` and
+        :meth:`last_index` as a forward's is (:data:`_COMPILED`: the compiled forward cannot
+        read W's version, so the similarity term takes it as this step's K)."""
+        if self.dim == 1:
+            scalar = ScalarPoolSearch(self.pool)
+            values, rank = scalar.search(self.weight)
+            selected, index = values.view_as(self.weight), scalar.index(rank)
+        else:
+            (k,), index = VectorPoolsSearch([self.pool]).search([self.rows()])
+            selected = k.view_as(self.weight)
+        self._searcher, self._rank = None, None
+        self._selected, self._index, self._key, self._used = selected, index, _COMPILED, True
+        return selected
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x, _StraightThrough.apply(self.weight, self._forward_selected()))
+        if torch.compiler.is_compiling() and self.path() == "full":
+            selected = self._compiled_selected()
+        else:
+            selected = self._forward_selected()
+        return self._op(x, _StraightThrough.apply(self.weight, selected))
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

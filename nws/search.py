@@ -113,8 +113,15 @@ def full_precision(device: torch.device):
     ``device`` and TF32 (or CPU bf16) matmuls off (:func:`ieee_fp32_matmul`).
 
     The search runs inside the forward pass, so under AMP its products would otherwise be
-    bf16 and neither the argmin nor the certificates would be exact.
+    bf16 and neither the argmin nor the certificates would be exact. Inside a
+    ``torch.compile`` graph only autocast is switched off: the matmul precision flags are
+    host state a graph cannot set, so the full search's product is then an opaque op that
+    sets them itself (:func:`nws.full_search.ieee_addmm`).
     """
+    if torch.compiler.is_compiling():  # precision flags cannot be set inside a graph
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+        return
     with torch.autocast(device_type=device.type, enabled=False), ieee_fp32_matmul():
         yield
 

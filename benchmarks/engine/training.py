@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,18 @@ def autocast_for(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
+def compile_model(model: nn.Module, **options: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` of ``model(x)`` as one frame: the model's forward hooks (KSM's and
+    AQD's per-forward banks) are traced with its forward. ``torch.compile(model)`` runs a
+    module's hooks outside dynamo and compiles each as a frame of its own (one more graph per
+    step, guarded separately). ``options``: ``torch.compile``'s keywords."""
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    return torch.compile(call, **options)
+
+
 class Trainer:
     """One optimiser and schedule over one model: ``step`` is the harness's training step.
 
@@ -121,7 +134,7 @@ class Trainer:
         self.nonfinite_peak = torch.zeros((), device=device)
         self.compile_mode = compile_mode(device) if compile else None
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(model, **compile_options(device)) if compile else model)
+            compile_model(model, **compile_options(device)) if compile else model)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimiser step on the batch ``(x, y)``; returns the loss (a device tensor)."""

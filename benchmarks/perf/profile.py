@@ -39,7 +39,7 @@ import torch
 from benchmarks.core.device_policy import SEARCH_ENV, SEARCH_PATHS, DevicePolicy
 from benchmarks.core.protocols import resolve_protocol
 from benchmarks.core.store import ArtifactStore
-from benchmarks.engine.training import Trainer
+from benchmarks.engine.training import Trainer, compile_model
 from benchmarks.methods.contract import Method, MethodContext, TaskInfo
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, Pretrained
@@ -214,7 +214,9 @@ def count_compile(name: str, *, arch: str = "resnet18", batch: int = 32, size: i
     """Dynamo's counts over ``steps`` training steps of ``name``, one step of a short last
     batch (``batch - 1``: a second shape) and one more full step, on the CUDA code path.
 
-    The model's forward is compiled with the ``eager`` backend: graphs, breaks and
+    The model's call (its forward hooks with it) is compiled as the Trainer compiles it
+    (:func:`benchmarks.engine.training.compile_model`), with the ``eager`` backend: graphs,
+    breaks and
     recompiles are decided by dynamo before any backend runs (the same for inductor on CPU
     and CUDA graphs on a GPU), and nothing is code-generated, so counting is quick. On a GPU
     each break ends a CUDA graph and each recompile records another."""
@@ -227,7 +229,7 @@ def count_compile(name: str, *, arch: str = "resnet18", batch: int = 32, size: i
     with cuda_code_path(search), tempfile.TemporaryDirectory() as tmp:
         method = build_method(name, arch, options=options)
         trainer = build_trainer(method, Path(tmp))
-        trainer.forward = torch.compile(trainer.model, backend="eager")
+        trainer.forward = compile_model(trainer.model, backend="eager")
         x, y = synthetic_batch(batch, size, method.ctx.device)
         for _ in range(steps):
             trainer.step(x, y)
@@ -325,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     if args.compile_counts:
         print(f"# {args.arch}, batch {args.batch} (then {args.batch - 1}), {args.size}x"
-              f"{args.size}, NWS search {args.search}; torch.compile of the model's forward")
+              f"{args.size}, NWS search {args.search}; torch.compile of the model's call "
+              "(hooks included)")
         print(format_compile_table([
             count_compile(m, arch=args.arch, batch=args.batch, size=args.size,
                           search=args.search, steps=args.warmup) for m in methods]))

@@ -15,17 +15,21 @@ import pytest
 import torch
 from torch import nn
 
+import nws
 from benchmarks.core.device_policy import DevicePolicy, compile_mode
 from benchmarks.core.registry import Entry
+from benchmarks.engine.training import compile_model
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, ArchSpec
 from benchmarks.perf.profile import (
     build_method,
     build_trainer,
     count_compile,
+    cuda_code_path,
     main,
     synthetic_batch,
 )
+from nws import nws_layers
 
 TINY = "tiny-test-net"
 TINY_NWS = {"pool_size": 16, "kmeans_points": 256}
@@ -101,10 +105,8 @@ WHOLE_PENDING = "issue 25: not yet captured whole (see benchmarks.profile --comp
 
 @pytest.mark.parametrize("method", [
     "finetune", "packnet",
-    pytest.param("ksm", marks=[pytest.mark.slow,
-                               pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
-    pytest.param("nws", marks=[pytest.mark.slow,
-                               pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
+    pytest.param("ksm", marks=pytest.mark.slow),
+    pytest.param("nws", marks=pytest.mark.slow),
     pytest.param("aqd", marks=[pytest.mark.slow,
                                pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
 ])
@@ -121,3 +123,78 @@ def test_profile_reports_graphs_breaks_and_recompiles(tiny_arch, capsys):
                  "--batch", "4", "--size", "8", "--warmup", "1"]) == 0
     row = capsys.readouterr().out.splitlines()[2].split()
     assert row[:5] == ["finetune", "2", "0", "1", "yes"]  # graphs: batch 4 and 3
+
+
+def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[torch.Tensor]]:
+    """Logits, losses, the model's state after the last step and NWS's indices of each step,
+    on the CUDA code path (NWS: the full search), eager or compiled with the eager backend
+    (the graph dynamo captures, run op for op: equal values down to the bit). Step 2 is a
+    short batch, every step a new batch."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    out: dict[str, list[torch.Tensor]] = {"logits": [], "loss": [], "index": []}
+    with cuda_code_path("full"), tempfile.TemporaryDirectory() as tmp:
+        m = build_method(method, TINY, options=TINY_NWS if method == "nws" else None)
+        trainer = build_trainer(m, Path(tmp))
+        forward = compile_model(trainer.model, backend="eager") if compiled else trainer.model
+
+        def recorded(x: torch.Tensor) -> torch.Tensor:
+            logits = forward(x)
+            out["logits"].append(logits.detach().clone())
+            return logits
+
+        trainer.forward = recorded
+        for i in range(steps):
+            x, y = synthetic_batch(4 - (i == 2), 8, torch.device("cpu"), seed=i)
+            out["loss"].append(trainer.step(x, y).clone())
+            out["index"] += [layer.last_index().clone()
+                             for layer in nws_layers(trainer.model).values()]
+        out["state"] = [v.detach().clone() for v in trainer.model.state_dict().values()]
+    torch._dynamo.reset()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nws", "ksm"])
+def test_captured_step_equals_eager(method, tiny_arch):
+    """The whole-step capture (NWS's pure search in the graph, KSM's bank traced with the
+    forward) changes no value: logits, losses, updated weights and buffers, and NWS's
+    indices of every step equal the eager step's exactly."""
+    eager, compiled = _run_steps(method, False), _run_steps(method, True)
+    for name, values in eager.items():
+        assert len(values) == len(compiled[name]) > 0 or name == "index"
+        for a, b in zip(values, compiled[name], strict=True):
+            assert torch.equal(a, b), name
+    if method == "nws":
+        assert len(eager["index"]) == 4 * 3  # conv1, conv2, the head, every step
+
+
+def test_compiled_search_product_is_ieee_whatever_the_tf32_flags(monkeypatch):
+    """A graph cannot set the matmul precision flags the eager search sets around its product
+    (policy: TF32 on under CUDA AMP); inside one the product is an opaque op that sets them
+    itself: IEEE while it runs, the user's TF32 setting back after, values as eager."""
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    seen, real = [], torch.addmm
+
+    def spy(*args, **kwargs):
+        seen.append(m.fp32_precision)
+        return real(*args, **kwargs)
+
+    torch.manual_seed(0)
+    layer = nws.NWSConv2d(nn.Conv2d(3, 4, 3, bias=False), torch.randn(16, 9) * 0.2,
+                          search="full")
+    x = torch.randn(2, 3, 6, 6)
+    saved = m.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        monkeypatch.setattr(torch, "addmm", spy)
+        torch._dynamo.reset()
+        out = torch.compile(layer, backend="eager")(x)
+        assert m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = saved
+        torch._dynamo.reset()
+    assert seen == ["ieee"]  # the one product, in IEEE
+    assert torch.equal(out, layer(x))

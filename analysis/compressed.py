@@ -1,7 +1,7 @@
 """lzma sizes of integer streams (the paper's memory convention), cached on disk by content.
 
 The paper's rule for NWS lzma-compresses each task's int16 index stream twice over
-(REFERENCE §5). For ResNet-18's ~1.4M indices per task that is ~0.9 s per pass on this
+(docs/reference.md §5). For ResNet-18's ~1.4M indices per task that is ~0.9 s per pass on this
 project's 2-core CPU (measured 2026-11-30: 8.4 s of the 14.4 s of ``analysis.tables`` on the
 mini benchmark's five NWS tasks), paid again by every ``analysis.tables`` and
 ``analysis.figures`` call. So sizes are cached with ``joblib.Memory``, keyed by the stream's

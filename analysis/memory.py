@@ -4,7 +4,7 @@
 artifacts a method writes and evaluates from, as its ``memory_formula`` states them; CI
 holds the formula equal to the artifact store's bytes (tests/analysis/test_memory_stored.py).
 
-**paper**: the paper's counting rules, reconstructed in REFERENCE §5 (rules below, one per
+**paper**: the paper's counting rules, reconstructed in docs/reference.md §5 (rules below, one per
 method). Two of them need compressed integer streams:
 
 - NWS: int16 pool indices through ``lzma`` (preset 6) twice over, as the authors' script
@@ -206,7 +206,7 @@ def stream_model(method: str, runs: list[Run], benchmark: str, arch: str) -> Str
     return StreamModel(description, model)
 
 
-# -- the paper's counting rules (REFERENCE §5) ------------------------------------------
+# -- the paper's counting rules (docs/reference.md §5) ------------------------------------------
 
 PaperRule = Callable[[ArchCounts, list[int], StreamModel | None], Breakdown]
 

@@ -1,4 +1,4 @@
-"""KSM: kernel-wise soft masks over a frozen backbone (REFERENCE §4).
+"""KSM: kernel-wise soft masks over a frozen backbone (docs/reference.md §4).
 
 Every conv (stem and shortcuts included) keeps its backbone weights W frozen; a task learns
 one real value m[o, i] per kernel, plus its own BatchNorm and head. The hard part is
@@ -61,7 +61,7 @@ from benchmarks.methods.common import (
 from benchmarks.methods.contract import Breakdown, Method, TaskInfo
 from benchmarks.models import archs
 
-KSM_CODE = "KSM reference code (REFERENCE §4)"
+KSM_CODE = "KSM reference code (docs/reference.md §4)"
 
 # reduce(x, "min" | "max") -> per-kernel tensor like x: the reduction over x's layer
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]

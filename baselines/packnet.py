@@ -62,7 +62,7 @@ from nws import bitpack
 
 log = logging.getLogger("benchmarks")
 OWNERS = "owners"
-REF = "REFERENCE §4 (PackNet, CIFAR variant used by the NWS authors)"
+REF = "docs/reference.md §4 (PackNet, CIFAR variant used by the NWS authors)"
 CPG = "ivclab/CPG"
 CHOICES = {"decay": ("conv", "all"), "bn_start": ("previous", "pretrained")}
 
@@ -182,7 +182,7 @@ class PackNet(Method):
         },
         "split_cifar100": {"prune": S(0.6, REF, PRUNE)},
         "cub_to_sketches": {
-            "prune": S("equal-share", "ours (REFERENCE §4): 0.8, 0.75, 0.667, 0.5, none",
+            "prune": S("equal-share", "ours (docs/reference.md §4): 0.8, 0.75, 0.667, 0.5, none",
                        PRUNE),
         },
     }

@@ -1,4 +1,5 @@
-"""Pools by k-means of a trained model's kernels, layer by layer (REFERENCE §1, option b)."""
+"""Pools by k-means of a trained model's kernels, layer by layer (docs/reference.md §1,
+option b)."""
 
 from __future__ import annotations
 

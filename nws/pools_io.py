@@ -146,7 +146,7 @@ def _kernels(weight: torch.Tensor, mod: nn.Module, src: str, ours: str,
     """The file's temporary kernels in the shape of our layer ``mod``.
 
     A classifier (Linear; theirs a 1x1 conv) may have another class count: its rows are
-    kept as they are (REFERENCE §1: task 0's head is the first C rows of the pretrained
+    kept as they are (docs/reference.md §1: task 0's head is the first C rows of the pretrained
     head, see benchmarks.methods.nws_method); only its input width must agree.
     """
     if isinstance(mod, nn.Linear):
@@ -176,7 +176,7 @@ def import_authors_pools(path: str | Path, model: nn.Module, linear: str = "last
 
     The classifier's kernels keep the file's class count (the authors' script defaults to
     CIFAR-100: a 100-class ``last_layer``), so ``weights[head]`` may have other rows than
-    the model's head: task 0 takes its first C rows (REFERENCE §1). Returned ``state``
+    the model's head: task 0 takes its first C rows (docs/reference.md §1). Returned ``state``
     holds every BN tensor under the model's names, and any other tensor whose name and
     shape agree with the model's.
     """

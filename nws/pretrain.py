@@ -13,7 +13,7 @@ are trained by beta x mean((sg(W) - K)^2)). Under DDP every rank holds the same 
 step, so the assignments and therefore the EMA pools agree without communication; pool
 gradients (gradient rule) are all-reduced by hand because pools are buffers.
 
-Defaults are the authors' pretraining (REFERENCE §1; ``--help`` names each value's source):
+Defaults are the authors' pretraining (docs/reference.md §1; ``--help`` names each value's source):
 SGD lr 0.01 x0.1 at epoch 100 of 160, momentum 0.9 with Nesterov, weight decay 4e-5, beta 0.5,
 SyncBatchNorm under DDP on GPUs (``--no-sync-bn`` opts out; CPU runs keep per-process BN).
 
@@ -49,13 +49,15 @@ CODE = "authors' code"
 
 
 def _opt(default: object, source: str, what: str = "") -> Any:
-    """A config field whose ``--help`` names its source (REFERENCE §1: authors' pretraining)."""
+    """A config field whose ``--help`` names its source (docs/reference.md §1: authors'
+    pretraining)."""
     return field(default=default, metadata={"help": f"{what} [{source}]".strip()})
 
 
 @dataclass
 class PretrainConfig:
-    """Pretraining settings; defaults are the authors' ImageNet pretraining (REFERENCE §1)."""
+    """Pretraining settings; defaults are the authors' ImageNet pretraining
+    (docs/reference.md §1)."""
 
     epochs: int = _opt(160, CODE)
     lr: float = _opt(0.01, CODE, "initial SGD learning rate")

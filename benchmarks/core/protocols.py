@@ -172,7 +172,7 @@ PROTOCOLS.register(
     },
     "paper schedule with the authors' code's Nesterov momentum and wd 4e-5",
 )
-# Table 3's MobileNetV2 and VGG16 runs: REFERENCE §2 says only "Adam and a single LR drop at
+# Table 3's MobileNetV2 and VGG16 runs: docs/reference.md §2 says only "Adam and a single LR drop at
 # 50% of epochs" (the paper defers to its App. 4, which our copy lacks); the rest is marked.
 # With --set epochs=N also set lr_milestones=(N//2,): milestones do not scale by themselves.
 PROTOCOLS.register(
@@ -180,8 +180,9 @@ PROTOCOLS.register(
     {
         "base": _COMMON
         | {
-            "optimizer": S("adam", CODE + " for MobileNetV2/VGG16 (REFERENCE §2)"),
-            "lr_milestones": S((50,), CODE + ": one drop at 50% of the 100 epochs (REFERENCE §2)"),
+            "optimizer": S("adam", CODE + " for MobileNetV2/VGG16 (docs/reference.md §2)"),
+            "lr_milestones": S((50,), CODE + ": one drop at 50% of the 100 epochs "
+                                           "(docs/reference.md §2)"),
             "lr": S(1e-3, OURS + ": Adam's default lr (Kingma & Ba); no value given"),
             "lr_gamma": S(0.1, OURS + ": the paper's SGD drop factor (§5.4); none given"),
             "momentum": S(0.9, OURS + ": Adam's default beta1 (Kingma & Ba)"),

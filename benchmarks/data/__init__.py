@@ -17,11 +17,11 @@ BENCHMARKS.register(
 )
 BENCHMARKS.register(
     "split_cifar100", "benchmarks.data.split_cifar100:build",
-    "CIFAR-100, 20 five-class tasks by superclass (REFERENCE §3)",
+    "CIFAR-100, 20 five-class tasks by superclass (docs/reference.md §3)",
 )
 BENCHMARKS.register(
     "cub_to_sketches", "benchmarks.data.cub_to_sketches:build",
-    "CUB-200 -> Cars -> Flowers -> WikiArt -> Sketches, ImageFolder trees (REFERENCE §3)",
+    "CUB-200 -> Cars -> Flowers -> WikiArt -> Sketches, ImageFolder trees (docs/reference.md §3)",
 )
 BENCHMARKS.register(
     "synthetic", "benchmarks.data.synthetic:build",

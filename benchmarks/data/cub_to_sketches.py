@@ -1,4 +1,4 @@
-"""CUB-to-Sketches: five fine-grained ImageFolder trees learned in order (REFERENCE §3).
+"""CUB-to-Sketches: five fine-grained ImageFolder trees learned in order (docs/reference.md §3).
 
 Expected under the data root (the Piggyback release; it cannot be downloaded by script)::
 
@@ -153,5 +153,5 @@ def build(data_root: Path, verify: str = "header", cache_dir: str | None = None)
         tasks.append(Task(t, name, list(train.classes), train, test))
     return Benchmark(
         "cub_to_sketches", tasks, default_pretrained="imagenet", input_size=224,
-        notes="Piggyback release ImageFolder trees (REFERENCE §3)",
+        notes="Piggyback release ImageFolder trees (docs/reference.md §3)",
     )

@@ -1,4 +1,4 @@
-"""Split-CIFAR-100: 20 five-class tasks, task t = CIFAR-100 superclass t (REFERENCE §3).
+"""Split-CIFAR-100: 20 five-class tasks, task t = CIFAR-100 superclass t (docs/reference.md §3).
 
 Two on-disk sources under the data root, looked for in this order; the first found (any
 of its files present) is used, and must be complete: one found but incomplete is refused
@@ -14,7 +14,7 @@ naming everything missing, never replaced by the next source or a download:
    ``test/`` holds any folder.
 
 Labels 0..4 within a task follow the sorted fine-class names. Training: RandomCrop(32, pad 4)
-+ horizontal flip; train and test: the per-superclass normalisation of REFERENCE §7.
++ horizontal flip; train and test: the per-superclass normalisation of docs/reference.md §7.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from benchmarks.data.files import (
     unreadable_message,
 )
 
-# Superclass -> its five fine classes, in the task order of REFERENCE §3 (alphabetical).
+# Superclass -> its five fine classes, in the task order of docs/reference.md §3 (alphabetical).
 SUPERCLASSES: dict[str, tuple[str, ...]] = {
     "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
     "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
@@ -62,7 +62,7 @@ SUPERCLASSES: dict[str, tuple[str, ...]] = {
     "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
 }
 
-# REFERENCE §7: per-superclass mean and std (R, G, B), in task order.
+# docs/reference.md §7: per-superclass mean and std (R, G, B), in task order.
 NORMALISATION: list[tuple[tuple[float, float, float], tuple[float, float, float]]] = [
     ((.4242, .4783, .4975), (.2495, .2327, .2515)),
     ((.4162, .4626, .4577), (.2857, .2574, .2705)),
@@ -123,7 +123,7 @@ def _check_coarse_labels(split: dict, fine_names: list[str], coarse_names: list[
     )
     if wrong:
         raise DataUnavailableError(
-            "CIFAR-100 coarse labels disagree with the superclass map of REFERENCE §3 for "
+            "CIFAR-100 coarse labels disagree with the superclass map of docs/reference.md §3 for "
             f"(fine, coarse) pairs {wrong[:5]}: the files are not CIFAR-100 as released"
         )
 
@@ -268,5 +268,5 @@ def build(data_root: Path, download: bool = True, verify: str = "header") -> Ben
         )
     return Benchmark(
         "split_cifar100", tasks, default_pretrained="imagenet", input_size=32,
-        notes="CIFAR-100 by superclass, per-superclass normalisation (REFERENCE §3, §7)",
+        notes="CIFAR-100 by superclass, per-superclass normalisation (docs/reference.md §3, §7)",
     )

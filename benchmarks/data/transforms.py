@@ -1,4 +1,4 @@
-"""Transforms of REFERENCE §3 not in torchvision: Cutout; plus the normalisation tables."""
+"""Transforms of docs/reference.md §3 not in torchvision: Cutout; plus the normalisation tables."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Pools (option ``pools``):
 - ``auto``: ``kmeans-pretrained`` when the run has pretrained weights, else ``kmeans-task0``;
-- ``kmeans-pretrained``: k-means of the pretrained model's kernels (REFERENCE §1 b), its
+- ``kmeans-pretrained``: k-means of the pretrained model's kernels (docs/reference.md §1 b), its
   kernels the task-0 temporary weights;
 - ``kmeans-task0``: task 0 first trains the plain model (the harness's ``train`` phase), then
   pools are the k-means of its kernels and task 0 is learned again with NWS (phase ``nws``),
@@ -82,7 +82,7 @@ def _plain_model(arch: str, num_classes: int) -> nn.Module:
 
 def _head_rows(weight: torch.Tensor, num_classes: int) -> nn.Linear:
     """A bias-free head of ``num_classes`` rows: the first rows of ``weight``, plus
-    kaiming-normal rows when more are needed (REFERENCE §1)."""
+    kaiming-normal rows when more are needed (docs/reference.md §1)."""
     head = nn.Linear(weight.shape[1], num_classes, bias=False)
     with torch.no_grad():
         keep = min(num_classes, weight.shape[0])

@@ -3,7 +3,7 @@
 Every model is built with its 1000-class ImageNet head (the "source head"); methods swap
 heads per task with :func:`set_head`. All convolutions are bias-free and followed by BN.
 
-- ``resnet18`` / ``resnet34`` (REFERENCE §2, authors' code): torchvision's ResNets with the
+- ``resnet18`` / ``resnet34`` (docs/reference.md §2, authors' code): torchvision's ResNets with the
   max-pool removed (7x7/2 stem straight into layer1, also on 32x32 input: 16x16 after the
   stem, 2x2 before pooling). ImageNet weights load unchanged (max-pool has no parameters).
 - ``resnet18-maxpool``: torchvision's ResNet-18 unchanged, max-pool kept (3x3/2 after the
@@ -12,10 +12,10 @@ heads per task with :func:`set_head`. All convolutions are bias-free and followe
   finetuned this one, so ``--method finetune --arch resnet18-maxpool`` reproduces the setting
   of their Finetune row (docs/reference.md, Finetune). Same parameters and weights as
   ``resnet18``; any method runs on it.
-- ``mobilenetv2``: torchvision's MobileNetV2, width 1.0, unchanged (REFERENCE §2 names no
+- ``mobilenetv2``: torchvision's MobileNetV2, width 1.0, unchanged (docs/reference.md §2 names no
   change; stride 32, so 32x32 input ends at 1x1 before pooling). Head ``classifier.1``.
 - ``vgg16``: VGG16-BN's 13 3x3 convs and 5 max-pools, then global average pooling and one
-  512 -> C Linear, the "1x1 head" of REFERENCE §2 (on 32x32 input the features are
+  512 -> C Linear, the "1x1 head" of docs/reference.md §2 (on 32x32 input the features are
   already 1x1x512). torchvision's three-FC ImageNet classifier has no counterpart and is
   dropped, so the source head stays randomly initialised; the conv biases of the ImageNet
   weights are folded into BN's running mean (exact, see :func:`_fold_conv_bias_into_bn`).
@@ -64,7 +64,7 @@ ARCHS: Registry[ArchSpec] = Registry("architecture")
 def _resnet_no_maxpool(builder: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
         model = builder(weights=None, num_classes=num_classes)
-        model.maxpool = nn.Identity()  # REFERENCE §2: no max-pool, even on 32x32 input
+        model.maxpool = nn.Identity()  # docs/reference.md §2: no max-pool, even on 32x32 input
         return model
 
     return build
@@ -78,7 +78,7 @@ ARCHS.register(
         "fc",
         "resnet18:IMAGENET1K_V1",
     ),
-    "ResNet-18, 7x7/2 stem, no max-pool, BasicBlocks [2,2,2,2] (REFERENCE §2)",
+    "ResNet-18, 7x7/2 stem, no max-pool, BasicBlocks [2,2,2,2] (docs/reference.md §2)",
 )
 
 
@@ -100,7 +100,8 @@ ARCHS.register(
         "fc",
         "resnet34:IMAGENET1K_V1",
     ),
-    "ResNet-34, ResNet-18's stem (7x7/2, no max-pool), BasicBlocks [3,4,6,3] (REFERENCE §2)",
+    "ResNet-34, ResNet-18's stem (7x7/2, no max-pool), BasicBlocks [3,4,6,3] "
+    "(docs/reference.md §2)",
 )
 
 
@@ -111,7 +112,7 @@ def _mobilenet_v2(num_classes: int) -> nn.Module:
 ARCHS.register(
     "mobilenetv2",
     ArchSpec("mobilenetv2", _mobilenet_v2, "classifier.1", "mobilenet_v2:IMAGENET1K_V1"),
-    "MobileNetV2 width 1.0, torchvision, unchanged (stride 32; REFERENCE §2, Table 3)",
+    "MobileNetV2 width 1.0, torchvision, unchanged (stride 32; docs/reference.md §2, Table 3)",
 )
 
 # torchvision's configuration "D" (VGG16): output channels, "M" = 2x2 max-pool.
@@ -172,7 +173,7 @@ def _fold_conv_bias_into_bn(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 ARCHS.register(
     "vgg16",
     ArchSpec("vgg16", VGG16BN, "classifier", "vgg16_bn:IMAGENET1K_V1", _fold_conv_bias_into_bn),
-    "VGG16-BN, 13 bias-free 3x3 convs, global average pool, 512->C 1x1 head (REFERENCE §2)",
+    "VGG16-BN, 13 bias-free 3x3 convs, global average pool, 512->C 1x1 head (docs/reference.md §2)",
 )
 
 

@@ -65,7 +65,7 @@ from nws.atomic import atomic_write_text
 AMP = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 PAPER_TASKS, PAPER_EPOCHS, PAPER_STEPS, PAPER_SEEDS = 20, 100, 79, 3  # Split-CIFAR-100
 PAPER_BATCH, PAPER_SIZE = 32, 32  # its batch and image side (protocols.py)
-PACKNET_RETRAIN_EPOCHS = 30  # REFERENCE §4
+PACKNET_RETRAIN_EPOCHS = 30  # docs/reference.md §4
 TIE_RTOL = 1e-6
 NWS_SETUP = {"kmeans_iters": 2, "kmeans_points": 2048}  # pools are setup here, not checked
 

@@ -1,4 +1,4 @@
-"""CI check 2: ResNet-18 counts equal the hand-derived ones (REFERENCE §2)."""
+"""CI check 2: ResNet-18 counts equal the hand-derived ones (docs/reference.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CI check 3: the paper convention reproduces the paper's memory (REFERENCE §5).
+"""CI check 3: the paper convention reproduces the paper's memory (docs/reference.md §5).
 
 Tolerances from issue 5. NWS uses the modelled index stream and AQD the modelled code stream
 (i.i.d. uniform 2-bit codes, one byte per code + lzma; no runs are given here), see
@@ -90,7 +90,7 @@ def test_unavailable_method_does_not_crash(capsys) -> None:
     assert out["not_a_method"]["stored_mib"] is None
 
 
-# REFERENCE §5: the authors' NWS counting (whole quantiser modules, indices through lzma
+# docs/reference.md §5: the authors' NWS counting (whole quantiser modules, indices through lzma
 # twice) gives these with uniform index streams; MiB.
 AUTHORS_RULE = {"split_cifar100": 35.21, "cub_to_sketches": 10.29}
 # One uniform draw per stream length (seed 0): draws with seeds 0-11 put the Split-CIFAR-100
@@ -115,7 +115,7 @@ def test_nws_counts_as_the_authors_script(reports, bench: str) -> None:
 def test_quantiser_module_is_the_authors_five_buffers() -> None:
     counts = arch_counts("resnet18")
     modules = _quantiser_modules(counts, 512)
-    assert len(modules) == 21  # REFERENCE §2: 21 NWS layers
+    assert len(modules) == 21  # docs/reference.md §2: 21 NWS layers
     stem = dict(modules[0].named_buffers())
     assert {k: tuple(v.shape) for k, v in stem.items()} == {
         "embed": (49, 512), "cluster_size": (512,), "embed_avg": (49, 512),

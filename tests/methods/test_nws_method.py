@@ -66,7 +66,7 @@ def test_stored_bytes_equal_the_formula(digits_run) -> None:
         "split_digits", OPTIONS))
     assert store.nbytes(None) == sum(formula.shared.values())
     assert formula.shared["pools"] == 512 * (49 + 16 * 9 + 4 * 1) * 4
-    indices = 1_393_856  # REFERENCE §2 count with a 2-class head
+    indices = 1_393_856  # docs/reference.md §2 count with a 2-class head
     for t in range(5):
         assert store.nbytes(t) == formula.task_bytes(t)
         assert formula.per_task[t]["indices"] == math.ceil(9 * indices / 8)

@@ -39,7 +39,7 @@ VGG16-BN (13 3x3 convs 64,64 | 128,128 | 256 x3 | 512 x3 | 512 x3):
   = 192 + 4,096 + 8,192 + 16,384 + 32,768 + 131,072 + 131,072 + 1,310,720 = 1,634,496
   head 1x1: C*512 (C=5: 2,560) => 13 convs + head = 14 NWS layers; C=5: 1,637,056 per task.
 
-ResNet-18 (REFERENCE §2): 7x7 192, 3x3 1,220,608, 1x1 172,032, head 2,560 => 1,395,392.
+ResNet-18 (docs/reference.md §2): 7x7 192, 3x3 1,220,608, 1x1 172,032, head 2,560 => 1,395,392.
 """
 
 from __future__ import annotations
@@ -234,10 +234,11 @@ def _state_dict_file(arch: str, classes: int) -> int:
 
 # Table 3's Finetune rows (MiB, 20 tasks) and the counting rule that reproduces each, found
 # by trying the candidates (params / + BN stats / torch.save file; 1000-, 100-, 5-class head):
-# no single rule fits all rows (REFERENCE §5: the authors measured files, mixed conventions).
+# no single rule fits all rows (docs/reference.md §5: the authors measured files, mixed
+# conventions).
 PAPER_FINETUNE = {
-    "resnet18": (892.0, lambda: _params("resnet18", 1000) * 4),  # REFERENCE §5: 44.59 MiB
-    "resnet34": (1628.0, lambda: _params("resnet34", 100) * 4),  # REFERENCE §5: 100-class
+    "resnet18": (892.0, lambda: _params("resnet18", 1000) * 4),  # docs/reference.md §5: 44.59 MiB
+    "resnet34": (1628.0, lambda: _params("resnet34", 100) * 4),  # docs/reference.md §5: 100-class
     "mobilenetv2": (272.0, lambda: _state_dict_file("mobilenetv2", 1000)),  # file, ImageNet head
     "vgg16": (1124.0, lambda: Finetune.memory_formula("vgg16", [5], {}).total()),  # task head
 }

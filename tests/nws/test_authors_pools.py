@@ -1,4 +1,4 @@
-"""The authors' ``KP_resume.pt`` (REFERENCE §1) for a real ResNet-18: pools, temporary
+"""The authors' ``KP_resume.pt`` (docs/reference.md §1) for a real ResNet-18: pools, temporary
 kernels and every BatchNorm tensor imported in module order under the authors' own layer
 names; a CIFAR-100 head accepted; a file whose layers do not fit refused by key."""
 
@@ -75,7 +75,8 @@ def test_every_bn_tensor_pools_and_kernels_imported(cifar100_file) -> None:
     bn = _bn_of(model)
     assert len(bn) == 20
     bn_keys = [f"{n}.{k}" for n, m in bn.items() for k in m.state_dict()]
-    assert len(bn_keys) == 100 and set(bn_keys) <= set(pf.state)  # REFERENCE §2: 20 BN layers
+    # docs/reference.md §2: 20 BN layers
+    assert len(bn_keys) == 100 and set(bn_keys) <= set(pf.state)
     for key in bn_keys:
         layer, _, tensor = key.rpartition(".")
         want = sd[f"module.{authors_name(layer)}.{tensor}"]
@@ -102,7 +103,8 @@ def test_task0_starts_from_the_files_bn_kernels_and_head_rows(cifar100_file) -> 
             assert torch.equal(state[f"{name}.{k}"],
                                sd[f"module.{authors_name(name)}.{k}"]), f"{name}.{k}"
     head = nws.nws_layers(model)["fc"]
-    assert head.weight.shape == (5, 512)  # REFERENCE §1: the first C rows of the file's head
+    # docs/reference.md §1: the first C rows of the file's head
+    assert head.weight.shape == (5, 512)
     torch.testing.assert_close(head.weight.detach(),
                                sd["module.last_layer.weight"][:5].reshape(5, 512))
     torch.testing.assert_close(nws.nws_layers(model)["layer1.0.conv1"].weight.detach(),

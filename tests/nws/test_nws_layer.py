@@ -23,7 +23,7 @@ def small_cnn(classes: int = 3) -> nn.Sequential:
 
 
 def test_nwsify_resnet18_counts() -> None:
-    """REFERENCE §2: 21 NWS layers and 1,395,392 indices for a 5-class head."""
+    """docs/reference.md §2: 21 NWS layers and 1,395,392 indices for a 5-class head."""
     model = nws.nwsify(archs.build("resnet18", 5), pool_size=16)
     layers = nws.nws_layers(model)
     assert len(layers) == 21

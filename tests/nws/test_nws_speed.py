@@ -1,6 +1,6 @@
 """Speed and peak memory of an NWS-ResNet-18 training step against the plain ResNet-18 step.
 
-Same run, same machine (REFERENCE §6: the authors' search took ~8 s and 3 GB per step on two
+Same run, same machine (docs/reference.md §6: the authors' search took ~8 s and 3 GB per step on two
 cores against 0.1 s). Setting: batch 32, 32x32 input, 5 classes, SGD; NWS in its steady state
 (W started from pool entries, as every task t > 0 does, pools at the weights' scale). Peak
 memory: one fresh subprocess per variant running the same steps, VmHWM of that process

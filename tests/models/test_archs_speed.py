@@ -40,7 +40,8 @@ NWS_OPTIONS = {"pools": "kmeans-pretrained", "pool_size": 512, "kmeans_iters": 2
 PHASES = ("first-task", "later-tasks")
 # Every architecture under the paper's SGD protocol, and MobileNetV2 / VGG16 also under the
 # protocol their Table 3 rows were trained with (authors' code: Adam, docs/reference.md §2).
-# Adam moves every weight by about its learning rate per step, so more kernels change entry per step.
+# Adam moves every weight by about its learning rate per step, so more kernels change entry
+# per step.
 ARCH_PROTOCOLS = [("resnet18", "paper"), ("resnet34", "paper"), ("mobilenetv2", "paper"),
                   ("mobilenetv2", "authors-adam"), ("vgg16", "paper"), ("vgg16", "authors-adam")]
 

@@ -165,6 +165,9 @@ def _differences(m: Member, flat: dict[str, Any], varying: set[str],
             shown = True
         elif key in POLICY_DEFAULTS:
             shown = value != POLICY_DEFAULTS[key](str(m.identity.get("device_type", "")))
+        elif key == "rule_version":  # a run of an earlier rule of its method (fill_defaults)
+            cls, _ = method_class(m.method)
+            shown = cls is not None and value != cls.rule_version
         else:
             shown = key in varying
         if shown:

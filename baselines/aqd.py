@@ -159,10 +159,28 @@ def group_stats(flat: torch.Tensor, lengths: torch.Tensor,
     return mean_el, var.sqrt_().index_select(0, group)
 
 
+def fake_quantize(x: torch.Tensor, s: torch.Tensor, q: int, zero_point: torch.Tensor,
+                  enabled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``clamp(round(x * (1 / s)), 0, Q) * s``, whether the rounded level lies in 0..Q):
+    PyTorch's fake-quantise op (zero point 0), one kernel that reads ``s`` on the device.
+
+    Inside ``torch.compile`` the same values from plain ops, which dynamo can trace (the
+    fake-quant op has no fake-tensor kernel: it would break the graph): the reciprocal
+    ``1 / s`` in float32 times ``x`` (the kernel multiplies by the reciprocal, it does not
+    divide), rounded half to even (the kernel's ``nearbyint``), clamped and scaled back.
+    Bit for bit the kernel's values (``tests/baselines/test_aqd.py``)."""
+    if not torch.compiler.is_compiling():
+        return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, s, zero_point, enabled, 0, q)
+    level = torch.round(x * s.reciprocal())
+    return level.clamp(0, q) * s, (level >= 0) & (level <= q)
+
+
 class _ActQuant(torch.autograd.Function):
     """``x`` on the levels ``0, s, ..., Q s`` (``s = alpha / Q``, the step): PyTorch's own
     fake-quantise op, ``clamp(round(x * (1 / s)), 0, Q) * s`` in one kernel that reads
-    ``s`` on the device (no host sync), with the gradients written out:
+    ``s`` on the device (no host sync; :func:`fake_quantize`), with the gradients written
+    out:
 
     - dx = dy where ``inside``, else 0. ``clip_band`` (QTool): inside = 0 <= x <= alpha
       (clamp before rounding); else inside = the rounded level lies in 0..Q (PyTorch's
@@ -176,8 +194,7 @@ class _ActQuant(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor | None, q: int,
                 gf: float, zero_point: torch.Tensor, enabled: torch.Tensor,
                 zero: torch.Tensor) -> torch.Tensor:
-        out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, s, zero_point, enabled, 0, q)
+        out, inside = fake_quantize(x, s, q, zero_point, enabled)
         if alpha is not None:  # QTool's band: the clamp of x / alpha to [0, 1]
             inside = torch.clamp(x, zero, alpha) == x
         e = torch.addcmul(out, x, inside, value=-1)  # s * d out / d s
@@ -347,9 +364,12 @@ class QuantConv(nn.Module):
         return (codes * (2 / self.qw) - 1) * a[:, None, None, None]
 
     def _init_act_scale(self, x: torch.Tensor) -> None:
+        """LSQ's init from the first training batch: step 2 mean|x| / sqrt(Q), the scale Q
+        steps. Written on the device (no host read, so a compiled step traces it); the flag
+        flips once, so a compiled step of the ``lsq`` recipe compiles once more after it."""
         if self.training and not self.act_initialised:
-            with torch.no_grad():  # LSQ init: step 2 mean|x| / sqrt(Q), scale = Q steps
-                self.alpha_a.fill_(float(2 * x.detach().abs().mean() * math.sqrt(self.qa)))
+            with torch.no_grad():
+                self.alpha_a.copy_(2 * x.detach().abs().mean() * math.sqrt(self.qa))
             self.act_initialised = True
 
     def quantize_input(self, x: torch.Tensor,
@@ -408,25 +428,31 @@ class QuantBank:
             raise ValueError("AQD layers of one model differ in bit widths or recipe")
         self.layers = layers
         self.qw, self.qa, self.recipe = layers[0].qw, layers[0].qa, layers[0].recipe
+        self.per = [m.per_group for m in layers for _ in range(m.groups)]  # weights per group
         self._index: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _groups(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(group id per weight, int32; weights per group; LSQ factor per group) on
-        ``device``: shapes only, cached."""
+        ``device``: shapes only, cached; made afresh in a compiled forward (constants of the
+        graph; filling the cache there would change a guarded dict and recompile the step),
+        as KSM's bank does."""
+        if torch.compiler.is_compiling():
+            return self._make_groups(device)
         if device not in self._index:
-            per = torch.tensor([m.per_group for m in self.layers for _ in range(m.groups)],
-                               device=device)
-            group = torch.arange(len(per), device=device, dtype=torch.int32)
-            self._index[device] = (
-                group.repeat_interleave(per, output_size=int(per.sum())), per,
-                1 / torch.sqrt(per.double() * self.qw).float())
+            self._index[device] = self._make_groups(device)
         return self._index[device]
+
+    def _make_groups(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        per = torch.tensor(self.per, device=device)
+        group = torch.arange(len(self.per), device=device, dtype=torch.int32)
+        return (group.repeat_interleave(per, output_size=sum(self.per)), per,
+                1 / torch.sqrt(per.double() * self.qw).float())
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         layers, r = self.layers, self.recipe
         out = _ActSteps.apply(self.qa, r.abs_scale, r.clip_band, *(m.alpha_a for m in layers))
         n = len(layers)
-        steps = zip(out[:n], out[n:] if r.clip_band else [None] * n, strict=True)
+        steps = list(zip(out[:n], out[n:] if r.clip_band else [None] * n, strict=True))
         weights: list[torch.Tensor | None] = [None] * len(layers)
         if all(m.weight is not None and m.codes is None for m in layers):
             group, lengths, g_c = self._groups(layers[0].weight.device)

@@ -155,8 +155,9 @@ def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[to
 @pytest.mark.parametrize("method", ["nws", "ksm", "aqd"])
 def test_captured_step_equals_eager(method, tiny_arch):
     """The whole-step capture (NWS's pure search in the graph, KSM's and AQD's banks traced
-    with the forward, AQD's fake-quant as plain ops) changes no value: logits, losses, updated weights and buffers, and NWS's
-    indices of every step equal the eager step's exactly."""
+    with the forward, AQD's fake-quant as plain ops) changes no value: logits, losses,
+    updated weights and buffers, and NWS's indices of every step equal the eager step's
+    exactly."""
     eager, compiled = _run_steps(method, False), _run_steps(method, True)
     for name, values in eager.items():
         assert len(values) == len(compiled[name]) > 0 or name == "index"

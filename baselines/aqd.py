@@ -323,6 +323,9 @@ class QuantConv(nn.Module):
         self.alpha_w = nn.Parameter(init)
         self.alpha_a = nn.Parameter(torch.tensor(1.0))  # QTool: 1.0 (lines 180-181, 195)
         self.act_initialised = not recipe.data_init
+        # the same flag on the device, read by a compiled step (module doc of _init_act_scale)
+        self.register_buffer("act_ready", torch.tensor(self.act_initialised),
+                             persistent=False)
         self.qw, self.qa = 2**weight_bits - 1, 2**act_bits - 1
         self.weight_bits = weight_bits
         self.stride, self.padding = conv.stride, conv.padding
@@ -365,18 +368,27 @@ class QuantConv(nn.Module):
 
     def _init_act_scale(self, x: torch.Tensor) -> None:
         """LSQ's init from the first training batch: step 2 mean|x| / sqrt(Q), the scale Q
-        steps. Written on the device (no host read, so a compiled step traces it); the flag
-        flips once, so a compiled step of the ``lsq`` recipe compiles once more after it."""
-        if self.training and not self.act_initialised:
-            with torch.no_grad():
-                self.alpha_a.copy_(2 * x.detach().abs().mean() * math.sqrt(self.qa))
-            self.act_initialised = True
+        steps, written on the device (no host read).
+
+        Eager, a Python flag decides (no op once initialised). A compiled step must trace
+        the same code every step (a flag flipping after the first would recompile it), so
+        there the init runs every step, kept only while the device flag ``act_ready`` is
+        off: ``alpha_a = where(act_ready, alpha_a, init)``; the same values as eager."""
+        with torch.no_grad():
+            init = 2 * x.detach().abs().mean() * math.sqrt(self.qa)
+            if torch.compiler.is_compiling():
+                self.alpha_a.copy_(torch.where(self.act_ready, self.alpha_a, init))
+            else:
+                self.alpha_a.copy_(init)
+                self.act_initialised = True
+            self.act_ready.fill_(True)
 
     def quantize_input(self, x: torch.Tensor,
                        step: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``x`` on Q + 1 levels; ``step``: (alpha / Q, alpha or None), when precomputed
         (:class:`QuantBank`; alpha only for QTool's band)."""
-        if self.training and not self.act_initialised:
+        if self.training and ((self.recipe.data_init and torch.compiler.is_compiling())
+                              or not self.act_initialised):
             self._init_act_scale(x)
             step = None  # computed before the init
         if step is None:
@@ -391,16 +403,18 @@ class QuantConv(nn.Module):
     def get_extra_state(self) -> dict[str, bool]:
         """The LSQ init flag travels with the state dict: a training phase resumed from a
         checkpoint keeps its learned ``alpha_a`` instead of re-initialising it from data."""
-        return {"act_initialised": self.act_initialised}
+        return {"act_initialised": self.act_initialised or bool(self.act_ready)}
 
     def set_extra_state(self, state: dict[str, bool]) -> None:
         self.act_initialised = bool(state["act_initialised"])
+        self.act_ready.fill_(self.act_initialised)
 
     def load_codes(self, codes: torch.Tensor) -> None:
         """Become the inference layer of stored codes (drops the latent weight)."""
         self.weight = None
         self.codes = codes.to(torch.float32)
         self.act_initialised = True
+        self.act_ready.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (wq, step), self.pending = self.pending, (None, None)

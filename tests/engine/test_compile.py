@@ -33,6 +33,13 @@ from nws import nws_layers
 
 TINY = "tiny-test-net"
 TINY_NWS = {"pool_size": 16, "kmeans_points": 256}
+# method variants tested beside the registered methods: name -> (method, options)
+VARIANTS = {"aqd-lsq": ("aqd", {"recipe": "lsq"})}
+
+
+def _method(name: str) -> tuple[str, dict | None]:
+    """(registered method, options) of ``name``: a method or one of :data:`VARIANTS`."""
+    return VARIANTS.get(name, (name, TINY_NWS if name == "nws" else None))
 
 
 class TinyNet(nn.Module):
@@ -105,12 +112,14 @@ def test_inductor_compiles_a_method_step(method, tiny_arch):
     pytest.param("ksm", marks=pytest.mark.slow),
     pytest.param("nws", marks=pytest.mark.slow),
     pytest.param("aqd", marks=pytest.mark.slow),
+    pytest.param("aqd-lsq", marks=pytest.mark.slow),
 ])
 def test_each_training_step_is_captured_whole(method, tiny_arch):
     """0 graph breaks, one graph and at most one recompile per batch shape (a full batch,
-    then a short last one), counted by dynamo with the eager backend."""
-    counts = count_compile(method, arch=tiny_arch, batch=4, size=8,
-                           options=TINY_NWS if method == "nws" else None)
+    then a short last one), counted by dynamo with the eager backend. ``aqd-lsq``: the
+    recipe whose activation scales start from the first batch (no recompile after it)."""
+    name, options = _method(method)
+    counts = count_compile(name, arch=tiny_arch, batch=4, size=8, options=options)
     assert counts.whole, counts
 
 
@@ -130,8 +139,8 @@ def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[to
     torch.manual_seed(0)
     out: dict[str, list[torch.Tensor]] = {"logits": [], "loss": [], "index": []}
     with cuda_code_path("full"), tempfile.TemporaryDirectory() as tmp:
-        m = build_method(method, TINY, options=TINY_NWS if method == "nws" else None)
-        trainer = build_trainer(m, Path(tmp))
+        name, options = _method(method)
+        trainer = build_trainer(build_method(name, TINY, options=options), Path(tmp))
         forward = compile_model(trainer.model, backend="eager") if compiled else trainer.model
 
         def recorded(x: torch.Tensor) -> torch.Tensor:
@@ -152,10 +161,11 @@ def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[to
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["nws", "ksm", "aqd"])
+@pytest.mark.parametrize("method", ["nws", "ksm", "aqd", "aqd-lsq"])
 def test_captured_step_equals_eager(method, tiny_arch):
     """The whole-step capture (NWS's pure search in the graph, KSM's and AQD's banks traced
-    with the forward, AQD's fake-quant as plain ops) changes no value: logits, losses,
+    with the forward, AQD's fake-quant as plain ops and, ``aqd-lsq``, its first-batch init of
+    the activation scales traced every step) changes no value: logits, losses,
     updated weights and buffers, and NWS's indices of every step equal the eager step's
     exactly."""
     eager, compiled = _run_steps(method, False), _run_steps(method, True)

@@ -68,8 +68,9 @@ def tiny_arch(monkeypatch) -> str:
 def _losses(method: str, compile: bool, steps: int = 2) -> list[float]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        m = build_method(method, TINY, options=TINY_NWS if method == "nws" else None)
-        trainer = build_trainer(m, Path(tmp), compile=compile)
+        name, options = _method(method)
+        trainer = build_trainer(build_method(name, TINY, options=options), Path(tmp),
+                                compile=compile)
         x, y = synthetic_batch(4, 8, torch.device("cpu"))
         return [float(trainer.step(x, y)) for _ in range(steps)]
 
@@ -100,10 +101,11 @@ def test_every_method_survives_compile(method, tiny_arch, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["aqd"])
+@pytest.mark.parametrize("method", ["aqd", "aqd-lsq"])
 def test_inductor_compiles_a_method_step(method, tiny_arch):
-    """The CPU default (inductor) end to end, on the method with the most custom ops
-    (~60 s here, most of it C++ builds)."""
+    """The CPU default (inductor) end to end, on the method with the most custom ops, in
+    both recipes (lsq: its activation-scale init in the graph; ~15 s each here, most of it
+    C++ builds)."""
     _check_compiled_equals_eager(method)
 
 

@@ -323,7 +323,7 @@ class QuantConv(nn.Module):
         self.alpha_w = nn.Parameter(init)
         self.alpha_a = nn.Parameter(torch.tensor(1.0))  # QTool: 1.0 (lines 180-181, 195)
         self.act_initialised = not recipe.data_init
-        # the same flag on the device, read by a compiled step (module doc of _init_act_scale)
+        # the same flag on the device, read by a compiled step (see _init_act_scale)
         self.register_buffer("act_ready", torch.tensor(self.act_initialised),
                              persistent=False)
         self.qw, self.qa = 2**weight_bits - 1, 2**act_bits - 1
@@ -368,20 +368,19 @@ class QuantConv(nn.Module):
 
     def _init_act_scale(self, x: torch.Tensor) -> None:
         """LSQ's init from the first training batch: step 2 mean|x| / sqrt(Q), the scale Q
-        steps, written on the device (no host read).
+        steps, kept only while the device flag ``act_ready`` is off:
+        ``alpha_a = where(act_ready, alpha_a, init)``, on the device (no host read).
 
-        Eager, a Python flag decides (no op once initialised). A compiled step must trace
-        the same code every step (a flag flipping after the first would recompile it), so
-        there the init runs every step, kept only while the device flag ``act_ready`` is
-        off: ``alpha_a = where(act_ready, alpha_a, init)``; the same values as eager."""
+        Eager, the Python flag ``act_initialised`` decides whether this runs (no op once
+        initialised). A compiled step must trace the same code every step (a Python flag
+        flipping after the first would recompile it), so there it runs every step and the
+        device flag alone decides; the same values as eager."""
         with torch.no_grad():
             init = 2 * x.detach().abs().mean() * math.sqrt(self.qa)
-            if torch.compiler.is_compiling():
-                self.alpha_a.copy_(torch.where(self.act_ready, self.alpha_a, init))
-            else:
-                self.alpha_a.copy_(init)
-                self.act_initialised = True
+            self.alpha_a.copy_(torch.where(self.act_ready, self.alpha_a, init))
             self.act_ready.fill_(True)
+        if not torch.compiler.is_compiling():
+            self.act_initialised = True
 
     def quantize_input(self, x: torch.Tensor,
                        step: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

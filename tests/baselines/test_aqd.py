@@ -250,3 +250,21 @@ def test_fake_quantize_by_hand_and_traced_as_plain_ops(compiled):
     got, kernel = fq(x, s, *args[1:]), fake_quantize(x, s, *args[1:])
     torch._dynamo.reset()
     assert torch.equal(got[0], kernel[0]) and torch.equal(got[1], kernel[1])
+
+
+def test_lsq_first_batch_init_once_compiled_or_eager():
+    """recipe=lsq: the activation scale starts at 2 mean|x| sqrt(Q) of the first training
+    batch (x = 0.5 everywhere, Q = 3: sqrt(3)), also when that step was compiled; a later
+    step, compiled or eager, keeps it, and the state dict's flag says it is initialised."""
+    layer = QuantConv(torch.nn.Conv2d(2, 1, 1, bias=False), 2, 2, RECIPES["lsq"]).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    compiled(torch.full((1, 2, 3, 3), 0.5))
+    assert float(layer.alpha_a.detach()) == pytest.approx(3**0.5, rel=1e-6)
+    assert layer.get_extra_state() == {"act_initialised": True}
+    with torch.no_grad():
+        layer.alpha_a.fill_(0.7)  # as if trained
+    compiled(torch.full((1, 2, 3, 3), 2.0))
+    layer(torch.full((1, 2, 3, 3), 3.0))
+    torch._dynamo.reset()
+    assert float(layer.alpha_a.detach()) == pytest.approx(0.7)

@@ -159,10 +159,28 @@ def group_stats(flat: torch.Tensor, lengths: torch.Tensor,
     return mean_el, var.sqrt_().index_select(0, group)
 
 
+def fake_quantize(x: torch.Tensor, s: torch.Tensor, q: int, zero_point: torch.Tensor,
+                  enabled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``clamp(round(x * (1 / s)), 0, Q) * s``, whether the rounded level lies in 0..Q):
+    PyTorch's fake-quantise op (zero point 0), one kernel that reads ``s`` on the device.
+
+    Inside ``torch.compile`` the same values from plain ops, which dynamo can trace (the
+    fake-quant op has no fake-tensor kernel: it would break the graph): the reciprocal
+    ``1 / s`` in float32 times ``x`` (the kernel multiplies by the reciprocal, it does not
+    divide), rounded half to even (the kernel's ``nearbyint``), clamped and scaled back.
+    Bit for bit the kernel's values (``tests/baselines/test_aqd.py``)."""
+    if not torch.compiler.is_compiling():
+        return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, s, zero_point, enabled, 0, q)
+    level = torch.round(x * s.reciprocal())
+    return level.clamp(0, q) * s, (level >= 0) & (level <= q)
+
+
 class _ActQuant(torch.autograd.Function):
     """``x`` on the levels ``0, s, ..., Q s`` (``s = alpha / Q``, the step): PyTorch's own
     fake-quantise op, ``clamp(round(x * (1 / s)), 0, Q) * s`` in one kernel that reads
-    ``s`` on the device (no host sync), with the gradients written out:
+    ``s`` on the device (no host sync; :func:`fake_quantize`), with the gradients written
+    out:
 
     - dx = dy where ``inside``, else 0. ``clip_band`` (QTool): inside = 0 <= x <= alpha
       (clamp before rounding); else inside = the rounded level lies in 0..Q (PyTorch's
@@ -176,8 +194,7 @@ class _ActQuant(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor | None, q: int,
                 gf: float, zero_point: torch.Tensor, enabled: torch.Tensor,
                 zero: torch.Tensor) -> torch.Tensor:
-        out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, s, zero_point, enabled, 0, q)
+        out, inside = fake_quantize(x, s, q, zero_point, enabled)
         if alpha is not None:  # QTool's band: the clamp of x / alpha to [0, 1]
             inside = torch.clamp(x, zero, alpha) == x
         e = torch.addcmul(out, x, inside, value=-1)  # s * d out / d s
@@ -306,6 +323,9 @@ class QuantConv(nn.Module):
         self.alpha_w = nn.Parameter(init)
         self.alpha_a = nn.Parameter(torch.tensor(1.0))  # QTool: 1.0 (lines 180-181, 195)
         self.act_initialised = not recipe.data_init
+        # the same flag on the device, read by a compiled step (see _init_act_scale)
+        self.register_buffer("act_ready", torch.tensor(self.act_initialised),
+                             persistent=False)
         self.qw, self.qa = 2**weight_bits - 1, 2**act_bits - 1
         self.weight_bits = weight_bits
         self.stride, self.padding = conv.stride, conv.padding
@@ -347,16 +367,27 @@ class QuantConv(nn.Module):
         return (codes * (2 / self.qw) - 1) * a[:, None, None, None]
 
     def _init_act_scale(self, x: torch.Tensor) -> None:
-        if self.training and not self.act_initialised:
-            with torch.no_grad():  # LSQ init: step 2 mean|x| / sqrt(Q), scale = Q steps
-                self.alpha_a.fill_(float(2 * x.detach().abs().mean() * math.sqrt(self.qa)))
+        """LSQ's init from the first training batch: step 2 mean|x| / sqrt(Q), the scale Q
+        steps, kept only while the device flag ``act_ready`` is off:
+        ``alpha_a = where(act_ready, alpha_a, init)``, on the device (no host read).
+
+        Eager, the Python flag ``act_initialised`` decides whether this runs (no op once
+        initialised). A compiled step must trace the same code every step (a Python flag
+        flipping after the first would recompile it), so there it runs every step and the
+        device flag alone decides; the same values as eager."""
+        with torch.no_grad():
+            init = 2 * x.detach().abs().mean() * math.sqrt(self.qa)
+            self.alpha_a.copy_(torch.where(self.act_ready, self.alpha_a, init))
+            self.act_ready.fill_(True)
+        if not torch.compiler.is_compiling():
             self.act_initialised = True
 
     def quantize_input(self, x: torch.Tensor,
                        step: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``x`` on Q + 1 levels; ``step``: (alpha / Q, alpha or None), when precomputed
         (:class:`QuantBank`; alpha only for QTool's band)."""
-        if self.training and not self.act_initialised:
+        if self.training and ((self.recipe.data_init and torch.compiler.is_compiling())
+                              or not self.act_initialised):
             self._init_act_scale(x)
             step = None  # computed before the init
         if step is None:
@@ -371,16 +402,18 @@ class QuantConv(nn.Module):
     def get_extra_state(self) -> dict[str, bool]:
         """The LSQ init flag travels with the state dict: a training phase resumed from a
         checkpoint keeps its learned ``alpha_a`` instead of re-initialising it from data."""
-        return {"act_initialised": self.act_initialised}
+        return {"act_initialised": self.act_initialised or bool(self.act_ready)}
 
     def set_extra_state(self, state: dict[str, bool]) -> None:
         self.act_initialised = bool(state["act_initialised"])
+        self.act_ready.fill_(self.act_initialised)
 
     def load_codes(self, codes: torch.Tensor) -> None:
         """Become the inference layer of stored codes (drops the latent weight)."""
         self.weight = None
         self.codes = codes.to(torch.float32)
         self.act_initialised = True
+        self.act_ready.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (wq, step), self.pending = self.pending, (None, None)
@@ -408,25 +441,31 @@ class QuantBank:
             raise ValueError("AQD layers of one model differ in bit widths or recipe")
         self.layers = layers
         self.qw, self.qa, self.recipe = layers[0].qw, layers[0].qa, layers[0].recipe
+        self.per = [m.per_group for m in layers for _ in range(m.groups)]  # weights per group
         self._index: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _groups(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(group id per weight, int32; weights per group; LSQ factor per group) on
-        ``device``: shapes only, cached."""
+        ``device``: shapes only, cached; made afresh in a compiled forward (constants of the
+        graph; filling the cache there would change a guarded dict and recompile the step),
+        as KSM's bank does."""
+        if torch.compiler.is_compiling():
+            return self._make_groups(device)
         if device not in self._index:
-            per = torch.tensor([m.per_group for m in self.layers for _ in range(m.groups)],
-                               device=device)
-            group = torch.arange(len(per), device=device, dtype=torch.int32)
-            self._index[device] = (
-                group.repeat_interleave(per, output_size=int(per.sum())), per,
-                1 / torch.sqrt(per.double() * self.qw).float())
+            self._index[device] = self._make_groups(device)
         return self._index[device]
+
+    def _make_groups(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        per = torch.tensor(self.per, device=device)
+        group = torch.arange(len(self.per), device=device, dtype=torch.int32)
+        return (group.repeat_interleave(per, output_size=sum(self.per)), per,
+                1 / torch.sqrt(per.double() * self.qw).float())
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         layers, r = self.layers, self.recipe
         out = _ActSteps.apply(self.qa, r.abs_scale, r.clip_band, *(m.alpha_a for m in layers))
         n = len(layers)
-        steps = zip(out[:n], out[n:] if r.clip_band else [None] * n, strict=True)
+        steps = list(zip(out[:n], out[n:] if r.clip_band else [None] * n, strict=True))
         weights: list[torch.Tensor | None] = [None] * len(layers)
         if all(m.weight is not None and m.codes is None for m in layers):
             group, lengths, g_c = self._groups(layers[0].weight.device)

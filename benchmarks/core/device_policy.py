@@ -6,8 +6,14 @@ Defaults (decided here, measured where said):
 
 - ``search``: ``"certificates"`` on CPU (the incremental search saves FLOPs and runs as
   compiled loops), ``"full"`` elsewhere (one exact chunked search per step: static shapes, no
-  host sync, so a GPU step is launch-bound, not search-bound). ``$NWS_SEARCH`` or
-  ``--search`` forces either on any device.
+  host sync, so a GPU step is launch-bound, not search-bound). ``"full"`` also on CPU when
+  the step is compiled (``--compile``): the certificates' work depends on the data (which
+  rows to search, found with ``nonzero`` and boolean masks), so dynamo splits such a step
+  into ~80 graphs by design, while the full search is traced whole with the step.
+  ``$NWS_SEARCH`` or ``--search`` forces either on any device, compiled or not. The path is
+  the policy field NWS names in its ``policy_fields`` (``policy_search`` in the run
+  identity), so a compiled CPU run is a run of its own, as its indices may differ from the
+  certificates' on float32 near ties.
 - ``data_on_device``: in-memory benchmarks keep each task as one uint8 tensor on the training
   device and augment whole batches there, CUB-to-Sketches from its decoded cache
   (:mod:`benchmarks.data.batches`, :mod:`benchmarks.data.decode_cache`). On by default
@@ -86,9 +92,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def default_search(device: torch.device) -> SearchPath:
-    """``$NWS_SEARCH`` when set, else certificates on CPU and the full search elsewhere (the
-    NWS library's own rule, :func:`nws.search.search_path`)."""
+def default_search(device: torch.device, compile: bool = False) -> SearchPath:
+    """``$NWS_SEARCH`` when set, else the full search for a compiled step (module doc), else
+    certificates on CPU and the full search elsewhere (the NWS library's own rule,
+    :func:`nws.search.search_path`)."""
+    if compile and not os.environ.get(SEARCH_ENV, "").strip():
+        return "full"
     return search_path(device)  # type: ignore[return-value]
 
 
@@ -181,7 +190,7 @@ class DevicePolicy:
         """The policy for ``device`` (a run under ``amp`` and ``--deterministic`` or not);
         each keyword given overrides its default."""
         device = resolve_device(device) if isinstance(device, str) else device
-        chosen = search or default_search(device)
+        chosen = search or default_search(device, compile)
         if chosen not in SEARCH_PATHS:
             raise ValueError(f"search {chosen!r}; valid: {', '.join(SEARCH_PATHS)}")
         cuda = device.type == "cuda"

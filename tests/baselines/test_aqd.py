@@ -220,3 +220,51 @@ def test_cli_refuses_an_unknown_recipe_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "recipe='bogus'" in err and "'qtool', 'lsq'" in err
     assert not out.exists()  # no run folder
+
+
+# PyTorch's fake-quantise rule with zero point 0 (aten/src/ATen/native/quantized/cpu/kernels
+# /QuantizedOpKernels.cpp, the tensor-qparams cachemask kernel): level = nearbyint(x * (1 / s))
+# (round half to even), out = clamp(level, 0, Q) * s, mask = 0 <= level <= Q. With s = 0.5,
+# Q = 3: x * 2 = 0.5 -> 0 (tie to even), 1.5 -> 2, 2.5 -> 2, -0.6 -> -1 (out 0, masked),
+# 3.2 -> 3, 3.5 -> 4 (out 1.5, masked), 7 -> 7 (out 1.5, masked).
+FQ_X = [0.25, 0.75, 1.25, -0.3, 1.6, 1.75, 3.5]
+FQ_OUT = [0.0, 1.0, 1.0, 0.0, 1.5, 1.5, 1.5]
+FQ_MASK = [True, True, True, False, True, False, False]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fake_quantize_by_hand_and_traced_as_plain_ops(compiled):
+    """The kernel (eager) and the plain ops dynamo traces in its place (compiled, one graph)
+    give the hand values, and agree bit for bit on random inputs."""
+    from baselines.aqd import fake_quantize
+
+    args = (torch.tensor(0.5), 3, torch.zeros((), dtype=torch.int32),
+            torch.ones((), dtype=torch.long))
+    torch._dynamo.reset()
+    fq = torch.compile(fake_quantize, backend="eager", fullgraph=True) if compiled \
+        else fake_quantize
+    out, mask = fq(torch.tensor(FQ_X), *args)
+    assert out.tolist() == FQ_OUT and mask.tolist() == FQ_MASK
+    x = torch.randn(4096) * 2
+    s = torch.tensor(0.37)
+    got, kernel = fq(x, s, *args[1:]), fake_quantize(x, s, *args[1:])
+    torch._dynamo.reset()
+    assert torch.equal(got[0], kernel[0]) and torch.equal(got[1], kernel[1])
+
+
+def test_lsq_first_batch_init_once_compiled_or_eager():
+    """recipe=lsq: the activation scale starts at 2 mean|x| sqrt(Q) of the first training
+    batch (x = 0.5 everywhere, Q = 3: sqrt(3)), also when that step was compiled; a later
+    step, compiled or eager, keeps it, and the state dict's flag says it is initialised."""
+    layer = QuantConv(torch.nn.Conv2d(2, 1, 1, bias=False), 2, 2, RECIPES["lsq"]).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    compiled(torch.full((1, 2, 3, 3), 0.5))
+    assert float(layer.alpha_a.detach()) == pytest.approx(3**0.5, rel=1e-6)
+    assert layer.get_extra_state() == {"act_initialised": True}
+    with torch.no_grad():
+        layer.alpha_a.fill_(0.7)  # as if trained
+    compiled(torch.full((1, 2, 3, 3), 2.0))
+    layer(torch.full((1, 2, 3, 3), 3.0))
+    torch._dynamo.reset()
+    assert float(layer.alpha_a.detach()) == pytest.approx(0.7)

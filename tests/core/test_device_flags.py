@@ -131,3 +131,20 @@ def test_auto_stays_on_the_cpu_in_the_suite_where_a_gpu_is_visible(monkeypatch):
     with pytest.raises(ValueError, match=r"'gpu0' \(from \$NWS_DEVICE\) is not a device"):
         resolve_device("auto")
 
+
+
+@pytest.mark.parametrize("compile, forced, env, path", [
+    (False, None, None, "certificates"),  # the CPU default
+    (True, None, None, "full"),  # compiled: the search traced whole with the step
+    (True, "certificates", None, "certificates"),  # --search forces either
+    (True, None, "certificates", "certificates"),  # so does $NWS_SEARCH
+    (False, "full", None, "full"),
+])
+def test_a_compiled_cpu_step_takes_the_full_search_unless_one_is_forced(
+        compile, forced, env, path, monkeypatch):
+    monkeypatch.delenv("NWS_SEARCH", raising=False)
+    if env:
+        monkeypatch.setenv("NWS_SEARCH", env)
+    assert DevicePolicy.for_device(CPU, search=forced, compile=compile).search == path
+    assert DevicePolicy.for_device(CUDA, search=forced, compile=compile).search == (
+        forced or env or "full")

@@ -33,6 +33,13 @@ from nws import nws_layers
 
 TINY = "tiny-test-net"
 TINY_NWS = {"pool_size": 16, "kmeans_points": 256}
+# method variants tested beside the registered methods: name -> (method, options)
+VARIANTS = {"aqd-lsq": ("aqd", {"recipe": "lsq"})}
+
+
+def _method(name: str) -> tuple[str, dict | None]:
+    """(registered method, options) of ``name``: a method or one of :data:`VARIANTS`."""
+    return VARIANTS.get(name, (name, TINY_NWS if name == "nws" else None))
 
 
 class TinyNet(nn.Module):
@@ -61,8 +68,9 @@ def tiny_arch(monkeypatch) -> str:
 def _losses(method: str, compile: bool, steps: int = 2) -> list[float]:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        m = build_method(method, TINY, options=TINY_NWS if method == "nws" else None)
-        trainer = build_trainer(m, Path(tmp), compile=compile)
+        name, options = _method(method)
+        trainer = build_trainer(build_method(name, TINY, options=options), Path(tmp),
+                                compile=compile)
         x, y = synthetic_batch(4, 8, torch.device("cpu"))
         return [float(trainer.step(x, y)) for _ in range(steps)]
 
@@ -93,28 +101,27 @@ def test_every_method_survives_compile(method, tiny_arch, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["aqd"])
+@pytest.mark.parametrize("method", ["aqd", "aqd-lsq"])
 def test_inductor_compiles_a_method_step(method, tiny_arch):
-    """The CPU default (inductor) end to end, on the method with the most custom ops
-    (~60 s here, most of it C++ builds)."""
+    """The CPU default (inductor) end to end, on the method with the most custom ops, in
+    both recipes (lsq: its activation-scale init in the graph; ~15 s each here, most of it
+    C++ builds)."""
     _check_compiled_equals_eager(method)
-
-
-WHOLE_PENDING = "issue 25: not yet captured whole (see benchmarks.profile --compile-counts)"
 
 
 @pytest.mark.parametrize("method", [
     "finetune", "packnet",
     pytest.param("ksm", marks=pytest.mark.slow),
     pytest.param("nws", marks=pytest.mark.slow),
-    pytest.param("aqd", marks=[pytest.mark.slow,
-                               pytest.mark.xfail(strict=True, reason=WHOLE_PENDING)]),
+    pytest.param("aqd", marks=pytest.mark.slow),
+    pytest.param("aqd-lsq", marks=pytest.mark.slow),
 ])
 def test_each_training_step_is_captured_whole(method, tiny_arch):
     """0 graph breaks, one graph and at most one recompile per batch shape (a full batch,
-    then a short last one), counted by dynamo with the eager backend."""
-    counts = count_compile(method, arch=tiny_arch, batch=4, size=8,
-                           options=TINY_NWS if method == "nws" else None)
+    then a short last one), counted by dynamo with the eager backend. ``aqd-lsq``: the
+    recipe whose activation scales start from the first batch (no recompile after it)."""
+    name, options = _method(method)
+    counts = count_compile(name, arch=tiny_arch, batch=4, size=8, options=options)
     assert counts.whole, counts
 
 
@@ -134,8 +141,8 @@ def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[to
     torch.manual_seed(0)
     out: dict[str, list[torch.Tensor]] = {"logits": [], "loss": [], "index": []}
     with cuda_code_path("full"), tempfile.TemporaryDirectory() as tmp:
-        m = build_method(method, TINY, options=TINY_NWS if method == "nws" else None)
-        trainer = build_trainer(m, Path(tmp))
+        name, options = _method(method)
+        trainer = build_trainer(build_method(name, TINY, options=options), Path(tmp))
         forward = compile_model(trainer.model, backend="eager") if compiled else trainer.model
 
         def recorded(x: torch.Tensor) -> torch.Tensor:
@@ -149,17 +156,20 @@ def _run_steps(method: str, compiled: bool, steps: int = 4) -> dict[str, list[to
             out["loss"].append(trainer.step(x, y).clone())
             out["index"] += [layer.last_index().clone()
                              for layer in nws_layers(trainer.model).values()]
-        out["state"] = [v.detach().clone() for v in trainer.model.state_dict().values()]
+        out["state"] = [v.detach().clone() for v in trainer.model.state_dict().values()
+                        if isinstance(v, torch.Tensor)]  # not AQD's extra state (flags)
     torch._dynamo.reset()
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["nws", "ksm"])
+@pytest.mark.parametrize("method", ["nws", "ksm", "aqd", "aqd-lsq"])
 def test_captured_step_equals_eager(method, tiny_arch):
-    """The whole-step capture (NWS's pure search in the graph, KSM's bank traced with the
-    forward) changes no value: logits, losses, updated weights and buffers, and NWS's
-    indices of every step equal the eager step's exactly."""
+    """The whole-step capture (NWS's pure search in the graph, KSM's and AQD's banks traced
+    with the forward, AQD's fake-quant as plain ops and, ``aqd-lsq``, its first-batch init of
+    the activation scales traced every step) changes no value: logits, losses,
+    updated weights and buffers, and NWS's indices of every step equal the eager step's
+    exactly."""
     eager, compiled = _run_steps(method, False), _run_steps(method, True)
     for name, values in eager.items():
         assert len(values) == len(compiled[name]) > 0 or name == "index"

@@ -125,3 +125,21 @@ def test_the_search_path_is_recorded_and_kept_on_resume(tmp_path, capsys):
     assert main([*args, "--search", "certificates"]) == 2
     assert "--search full" in capsys.readouterr().err
     assert main([*args, "--search", "full"]) == 0  # the same path resumes (nothing to do)
+
+
+@pytest.mark.slow
+def test_a_compiled_cpu_run_records_the_full_search_in_its_identity(tmp_path, monkeypatch):
+    """--compile without --search: the policy takes the full search on CPU (the certificates
+    fragment a compiled step by design), and the run identity says so (policy_search)."""
+    import json
+
+    monkeypatch.delenv("NWS_SEARCH", raising=False)
+    monkeypatch.setattr("benchmarks.engine.training.compile_options",
+                        lambda device: {"backend": "eager"})  # dynamo only: no C++ builds
+    args = ["--method", "nws", "--benchmark", "split_digits", "--protocol", "smoke",
+            "--tasks", "1", "--no-progress", "--out", str(tmp_path), "--compile"]
+    assert main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "env.json").read_text())["device_policy"]["search"] == "full"
+    assert json.loads((run_dir / "config.json").read_text())["identity"][
+        "policy_search"] == "full"

@@ -50,7 +50,8 @@ RUNS_DEFAULT = "results/runs"
 
 
 def mini_commands(tox_ini: Path, work: Path, extra: Sequence[str]) -> list[list[str]]:
-    """``[testenv:mini]``'s commands, redirected into ``work`` (runs, tables, figures) and run
+    """``[testenv:mini]``'s commands, redirected into ``work`` (runs, tables, figures, the
+    report) and run
     by this interpreter; ``extra`` replaces ``{posargs}``."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(tox_ini)
@@ -71,7 +72,9 @@ def mini_commands(tox_ini: Path, work: Path, extra: Sequence[str]) -> list[list[
         module = words[words.index("-m") + 1] if "-m" in words else ""
         words += {"benchmarks.run": ["--out", str(work / "runs")],
                   "analysis.tables": ["--out", str(work / "tables")],
-                  "analysis.figures": ["--out", str(work / "figures")]}.get(module, [])
+                  "analysis.figures": ["--out", str(work / "figures")],
+                  "analysis.report": ["--out", str(work / "tables" / "report.html")],
+                  }.get(module, [])
         commands.append(words)
     return commands
 

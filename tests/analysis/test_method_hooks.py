@@ -34,4 +34,8 @@ def test_a_renamed_function_is_not_found_by_its_old_name(monkeypatch):
     """The hook is what the class declares, not whatever attribute carries the name."""
     nws = METHODS.get("nws")  # the registry's class (another test may have re-imported it)
     monkeypatch.setattr(nws, "analysis_hooks", classmethod(lambda cls: {}))
-    assert hasattr(nws, "task_indices") and method_hook("nws", "task_indices") is None
+    method_hook.cache_clear()  # method_hook caches per (method, hook)
+    try:
+        assert hasattr(nws, "task_indices") and method_hook("nws", "task_indices") is None
+    finally:
+        method_hook.cache_clear()

@@ -14,12 +14,14 @@ from benchmarks.perf.mini_timing import ROOT, mini_commands, per_method
 def test_commands_are_tox_minis_redirected(tmp_path):
     cmds = mini_commands(ROOT / "tox.ini", tmp_path, ["--bench-opt", "size=16"])
     modules = [c[c.index("-m") + 1] for c in cmds]
-    assert modules == ["benchmarks.run", "analysis.tables", "analysis.figures"]
+    assert modules == ["benchmarks.run", "analysis.tables", "analysis.figures", "analysis.report"]
     assert all(c[0] == sys.executable for c in cmds)
-    run, tables, figures = cmds
+    run, tables, figures, report = cmds
+    assert report[report.index("--out") + 1] == str(tmp_path / "tables" / "report.html")
     assert run[run.index("--out") + 1] == str(tmp_path / "runs")
     assert run[run.index("--bench-opt"): run.index("--bench-opt") + 2] == ["--bench-opt", "size=16"]
     assert "--method" in run and run[run.index("--method") + 1] == "all"
+    assert report[report.index("--results") + 1] == str(tmp_path / "runs")
     for cmd, folder in ((tables, "tables"), (figures, "figures")):
         assert cmd[cmd.index("--results") + 1] == str(tmp_path / "runs")
         assert cmd[cmd.index("--out") + 1] == str(tmp_path / folder)

@@ -201,6 +201,8 @@ def test_a_relaunch_with_another_checkpoint_dir_takes_the_earlier_checkpoints_al
     run_dir = next((tmp_path / "runs").glob("*/config.json")).parent
     left = scratch / run_dir.name / "task099-0-train.pt"  # a task this run never loads
     left.write_bytes(b"a phase checkpoint")
+    # as killed before its rows were written (a finished run is reported done, untouched)
+    (run_dir / "rows.csv").unlink()
     assert cli.main(argv) == 0
     moved = run_dir / "checkpoints" / left.name
     assert not left.exists() and moved.read_bytes() == b"a phase checkpoint"

@@ -18,7 +18,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,15 @@ from benchmarks.core.protocols import Protocol, resolve_protocol
 from benchmarks.core.results import ResultsStore
 from benchmarks.core.seeding import seed_global, set_deterministic
 from benchmarks.core.store import ArtifactStore
-from benchmarks.data import BENCHMARKS, Benchmark, check_benchmark_options
+from benchmarks.data import BENCHMARKS, Benchmark, Task, check_benchmark_options
 from benchmarks.data.files import CHECK_ONLY_OPTIONS
 from benchmarks.engine.checkpoints import (
-    DEFAULT_CHECKPOINT_EVERY,
     CheckpointPolicy,
     adopt_checkpoints,
     checkpoint_folder,
     checkpoint_prefix,
 )
+from benchmarks.engine.run_config import RunConfig
 from benchmarks.engine.trackers import TrackerSet
 from benchmarks.engine.training import FitStats, evaluate, fit
 from benchmarks.methods.contract import Method, MethodContext, TaskInfo
@@ -56,42 +56,6 @@ from benchmarks.models.archs import Pretrained, check_input_size, no_init, unset
 
 log = logging.getLogger("benchmarks")
 MIB = 2**20
-
-
-@dataclass
-class RunConfig:
-    method: str
-    benchmark: str = "split_digits"
-    arch: str = "resnet18"
-    protocol: str = "quick"
-    seed: int = 1993
-    data_root: str | None = None
-    out: str = "results/runs"
-    pretrained: str | None = None  # None: the benchmark's default
-    num_tasks: int | None = None
-    device: str = "auto"
-    deterministic: bool = False
-    num_workers: int = 0
-    method_options: dict[str, Any] = field(default_factory=dict)
-    protocol_overrides: dict[str, Any] = field(default_factory=dict)
-    benchmark_options: dict[str, Any] = field(default_factory=dict)
-    progress: bool = True
-    # torch.compile of the training step (DevicePolicy decides the mode); not part of the
-    # run's identity: the same numerics up to floating-point reordering.
-    compile: bool = False
-    # The NWS search path (full | certificates); None: the device's default (DevicePolicy).
-    # Part of the identity of methods listing it in ``policy_fields`` (NWS): the paths can
-    # differ on float32 near ties, so a resume under the other path is refused.
-    search: str | None = None
-    # When a training phase writes its checkpoint: epochs ("5") or a time ("10m"); the last
-    # epoch of a phase always. Not part of the run's identity: it never changes results.
-    checkpoint_every: str = DEFAULT_CHECKPOINT_EVERY
-    # Where phase checkpoints go (e.g. node-local scratch); None: the run folder's
-    # checkpoints/. Runs sharing one directory each use <dir>/<run id>/.
-    checkpoint_dir: str | None = None
-    # Experiment trackers (benchmarks.engine.trackers: csv, tensorboard, wandb); not part of the
-    # run's identity: they only watch.
-    loggers: list[str] = field(default_factory=list)
 
 
 def build_benchmark(cfg: RunConfig) -> Benchmark:
@@ -160,9 +124,31 @@ def run_identity(cfg: RunConfig, protocol: Protocol, options: dict[str, Any],
     }
 
 
-def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
-    """Run (or resume) one method with one seed; returns the run folder. The folder's lock is
-    held throughout (:class:`~benchmarks.core.lock.RunLockedError` if another process holds it)."""
+@dataclass
+class Prepared:
+    """One run resolved before any folder is touched: the method built, its protocol and
+    device policy decided, its identity and run folder known."""
+
+    cfg: RunConfig
+    bench: Benchmark
+    method: Method
+    protocol: Protocol
+    policy: DevicePolicy
+    tasks: tuple[TaskInfo, ...]
+    identity: dict[str, Any]
+    option_defaults: dict[str, Any]
+    rid: str
+    results: ResultsStore
+    every: CheckpointPolicy
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.cfg.method} s{self.cfg.seed}]"
+
+
+def prepare(cfg: RunConfig, bench: Benchmark | None = None) -> Prepared:
+    """Resolve ``cfg`` (options, protocol, device policy, identity, run id) and build its
+    method; raises on bad input before any run folder exists."""
     set_deterministic(cfg.deterministic)
     device = resolve_device(cfg.device)
     bench = bench if bench is not None else build_benchmark(cfg)
@@ -183,119 +169,146 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     ctx = MethodContext(cfg.arch, cfg.benchmark, tasks, protocol, device, cfg.seed,
                         pretrained, options, policy)
     method = method_cls(ctx)
-    protocol = method.adjust_protocol(protocol)
-    ctx.protocol = protocol
-
-    every = CheckpointPolicy.parse(cfg.checkpoint_every)
+    ctx.protocol = protocol = method.adjust_protocol(protocol)
     identity = run_identity(cfg, protocol, options, pretrained_source, device, method_cls)
     identity |= {f"policy_{k}": getattr(policy, k) for k in method_cls.policy_fields}
     defaults = {k: s.value for k, s in settings.items()}
     rid = run_id(cfg, identity, defaults)
     results = ResultsStore(Path(cfg.out).expanduser().resolve() / rid)
-    trackers = TrackerSet(cfg.loggers, results.dir, rid, identity)  # checked: no folder yet
+    return Prepared(cfg, bench, method, protocol, policy, tasks, identity, defaults, rid,
+                    results, CheckpointPolicy.parse(cfg.checkpoint_every))
+
+
+def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
+    """Run (or resume) one method with one seed; returns the run folder. The folder's lock is
+    held throughout (:class:`~benchmarks.core.lock.RunLockedError` if another process holds it)."""
+    r = prepare(cfg, bench)
+    trackers = TrackerSet(cfg.loggers, r.results.dir, r.rid, r.identity)  # no folder yet
     # read only: no lock, no write (a finished run on a read-only disk reports itself done)
-    if _finished(results, identity, tasks, defaults):
-        print(f"[{cfg.method} s{cfg.seed}] all {len(tasks)} tasks done in {results.dir}: "
-              f"nothing to do", flush=True)
-        return results.dir
-    with RunLock(results.dir), trackers:  # one writer per run folder, for the run's life
-        return _run_locked(cfg, bench, method, method_cls, protocol, identity, rid, results,
-                           policy, every, tasks, trackers)
+    if _finished(r):
+        print(f"{r.tag} all {len(r.tasks)} tasks done in {r.results.dir}: nothing to do",
+              flush=True)
+        return r.results.dir
+    with RunLock(r.results.dir), trackers:  # one writer per run folder, for the run's life
+        return _run_locked(r, trackers)
 
 
-def _finished(results: ResultsStore, identity: dict[str, Any], tasks: tuple[TaskInfo, ...],
-              option_defaults: dict[str, Any]) -> bool:
+def _finished(r: Prepared) -> bool:
     """Whether the folder holds this very run (:func:`check_resumable`) with every task's own
     accuracy row: then there is nothing to do and nothing to write, so the run needs no lock
     (a finished run on a read-only disk reports itself done). Anything unreadable is False:
     the locked path reports it."""
     try:
-        previous = results.read_json("config.json")
+        previous = r.results.read_json("config.json")
         if not isinstance(previous, dict) or not isinstance(previous.get("identity"), dict):
             return False
-        check_resumable(results.dir, previous["identity"], identity, option_defaults)
-        return {t.index for t in tasks} <= results.finished_tasks()
+        check_resumable(r.results.dir, previous["identity"], r.identity, r.option_defaults)
+        return {t.index for t in r.tasks} <= r.results.finished_tasks()
     except (OSError, ValueError, RunConflictError):
         return False
 
 
-def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: type[Method],
-                protocol: Protocol, identity: dict[str, Any], rid: str, results: ResultsStore,
-                policy: DevicePolicy, every: CheckpointPolicy, tasks: tuple[TaskInfo, ...],
-                trackers: TrackerSet | None = None) -> Path:
-    """The body of :func:`run`, under the run folder's lock."""
-    device = policy.device
-    try:
-        previous = results.read_json("config.json")
-        if previous is not None:
-            check_resumable(results.dir, previous["identity"], identity,
-                            {k: s.value for k, s in method_cls.settings(cfg.benchmark).items()})
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a run's config
-        raise RunConflictError(
-            f"{results.dir / 'config.json'} is damaged ({type(err).__name__}: {err}); nothing "
-            f"was changed. Restore it (e.g. from a backup), or delete that folder to start "
-            f"over") from err
-    checkpoints = checkpoint_folder(cfg.checkpoint_dir, rid, results.dir)
-    if previous is not None:
-        before = checkpoint_folder((previous.get("run_config") or {}).get("checkpoint_dir"),
-                                   rid, results.dir)
-        adopt_checkpoints(before, checkpoints)
-    results.write_json("config.json", {
-        "identity": identity, "run_id": rid, "protocol_provenance": protocol.provenance,
-        "option_provenance": {k: s.source for k, s in method_cls.settings(cfg.benchmark).items()},
-        "synthetic": bench.synthetic, "benchmark_notes": bench.notes,
-        "tasks": [asdict(t) for t in tasks], "run_config": asdict(cfg),
-    })
-    results.write_json("env.json", environment(device, cfg.deterministic)
-                       | {"device_policy": policy.describe()})
-    store = ArtifactStore(results.dir / "artifacts")
-    epochs = EpochLog(results.dir, method_cls.EPOCH_FIGURES, [trackers] if trackers else [])
-
-    base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": cfg.method,
-                "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
-                "synthetic": bench.synthetic}
-    finished = results.finished_tasks()
-    tag = f"[{cfg.method} s{cfg.seed}]"
+def _run_locked(r: Prepared, trackers: TrackerSet | None = None) -> Path:
+    """The body of :func:`run`, under the run folder's lock: check and write the folder's
+    configuration, then learn and evaluate each task not finished yet."""
+    checkpoints = _start_folder(r)
+    store = ArtifactStore(r.results.dir / "artifacts")
+    epochs = EpochLog(r.results.dir, type(r.method).EPOCH_FIGURES,
+                      [trackers] if trackers else [])
+    finished = r.results.finished_tasks()
     took: list[float] = []  # wall seconds of each task done in this launch
-    for task, info in zip(bench.tasks, tasks, strict=True):
-        t = info.index
-        if t in finished:
+    for task, info in zip(r.bench.tasks, r.tasks, strict=True):
+        if info.index in finished:
             continue
-        task_started = time.perf_counter()
-        if not store.has_task(t):
-            _learn_task(method, info, task, store, cfg, policy, protocol,
-                        desc=f"{tag} task {t + 1}/{len(tasks)} {info.name}",
-                        checkpoints=checkpoints, every=every, epochs=epochs)
+        started = time.perf_counter()
+        if not store.has_task(info.index):
+            _learn_task(r, info, task, store, checkpoints, epochs)
         else:
-            log.info("%s task %d is in the store but not evaluated: evaluating", tag, t)
+            log.info("%s task %d is in the store but not evaluated: evaluating", r.tag,
+                     info.index)
         # The task is in the store: its phases' checkpoints are not needed now (also those a
         # kill between the commit and this line left behind).
-        for done in checkpoints.glob(f"{checkpoint_prefix(t)}*"):
+        for done in checkpoints.glob(f"{checkpoint_prefix(info.index)}*"):
             done.unlink()
-        rows = _evaluate_after(method, bench, tasks, t, store, policy, protocol, cfg)
-        meta = store.task_meta(t)
-        measured = {m: meta.get(m) for m in ("train_seconds", "train_steps", "final_train_loss")}
-        measured |= method.task_metrics(info, store)
-        measured |= {"task_bytes": store.nbytes(t), "shared_bytes": store.nbytes(None),
-                     "store_bytes": store.total_bytes(),
-                     "task_seconds": round(time.perf_counter() - task_started, 3)}
-        rows += [{"task": t, "task_name": info.name, "after_task": t, "metric": m, "value": v}
-                 for m, v in measured.items()]
-        # The task's own accuracy row goes last: its presence marks the task finished.
-        rows.sort(key=lambda r: r["metric"] == "accuracy" and r["task"] == t)
-        results.append([base_row | r for r in rows])
+        rows = _task_rows(r, info, store, started)
+        r.results.append([_base_row(r) | row for row in rows])
         if trackers is not None:
-            trackers.task(t, rows)
-        own = next(r["value"] for r in rows if r["metric"] == "accuracy" and r["task"] == t)
-        mean = sum(r["value"] for r in rows if r["metric"] == "accuracy") / (t + 1)
-        took.append(time.perf_counter() - task_started)
-        left = len(tasks) - t - 1
-        eta = _eta(took, left)
-        print(f"{tag} task {t + 1}/{len(tasks)} {info.name}: acc {own:.1%} | mean over "
-              f"{t + 1} {mean:.1%} | stored {store.total_bytes() / MIB:.2f} MiB | "
-              f"{meta.get('train_seconds', float('nan')):.1f} s"
-              + (f" | {left} left, ETA {_clock(eta)}" if left else ""), flush=True)
-    return results.dir
+            trackers.task(info.index, rows)
+        took.append(time.perf_counter() - started)
+        _report_task(r, info, rows, store, took)
+    return r.results.dir
+
+
+def _start_folder(r: Prepared) -> Path:
+    """Check the folder's previous configuration (a resume of this very run, else
+    :class:`RunConflictError`), write this one's ``config.json`` and ``env.json``; returns
+    the checkpoint folder, with the previous launch's checkpoints moved into it."""
+    try:
+        previous = r.results.read_json("config.json")
+        if previous is not None:
+            check_resumable(r.results.dir, previous["identity"], r.identity,
+                            r.option_defaults)
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not a run's config
+        raise RunConflictError(
+            f"{r.results.dir / 'config.json'} is damaged ({type(err).__name__}: {err}); "
+            f"nothing was changed. Restore it (e.g. from a backup), or delete that folder to "
+            f"start over") from err
+    cfg = r.cfg
+    checkpoints = checkpoint_folder(cfg.checkpoint_dir, r.rid, r.results.dir)
+    if previous is not None:
+        before = checkpoint_folder((previous.get("run_config") or {}).get("checkpoint_dir"),
+                                   r.rid, r.results.dir)
+        adopt_checkpoints(before, checkpoints)
+    settings = type(r.method).settings(cfg.benchmark)
+    r.results.write_json("config.json", {
+        "identity": r.identity, "run_id": r.rid, "protocol_provenance": r.protocol.provenance,
+        "option_provenance": {k: s.source for k, s in settings.items()},
+        "synthetic": r.bench.synthetic, "benchmark_notes": r.bench.notes,
+        "tasks": [asdict(t) for t in r.tasks], "run_config": cfg.to_dict(),
+        "run_config_sources": cfg.sources(),
+    })
+    r.results.write_json("env.json", environment(r.policy.device, cfg.deterministic)
+                         | {"device_policy": r.policy.describe()})
+    return checkpoints
+
+
+def _base_row(r: Prepared) -> dict[str, Any]:
+    cfg = r.cfg
+    return {"run_id": r.rid, "benchmark": cfg.benchmark, "method": cfg.method,
+            "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
+            "synthetic": r.bench.synthetic}
+
+
+def _task_rows(r: Prepared, info: TaskInfo, store: ArtifactStore, started: float
+               ) -> list[dict[str, Any]]:
+    """The rows task ``info`` adds: the accuracy of every task so far (each rebuilt from the
+    store), its measurements and the store's sizes; its own accuracy row last (its presence
+    marks the task finished)."""
+    t = info.index
+    rows = _evaluate_after(r, t, store)
+    meta = store.task_meta(t)
+    measured = {m: meta.get(m) for m in ("train_seconds", "train_steps", "final_train_loss")}
+    measured |= r.method.task_metrics(info, store)
+    measured |= {"task_bytes": store.nbytes(t), "shared_bytes": store.nbytes(None),
+                 "store_bytes": store.total_bytes(),
+                 "task_seconds": round(time.perf_counter() - started, 3)}
+    rows += [{"task": t, "task_name": info.name, "after_task": t, "metric": m, "value": v}
+             for m, v in measured.items()]
+    rows.sort(key=lambda row: row["metric"] == "accuracy" and row["task"] == t)
+    return rows
+
+
+def _report_task(r: Prepared, info: TaskInfo, rows: list[dict[str, Any]],
+                 store: ArtifactStore, took: list[float]) -> None:
+    """The task's line: its accuracy, the mean so far, the store's size, the ETA."""
+    t, n = info.index, len(r.tasks)
+    own = next(x["value"] for x in rows if x["metric"] == "accuracy" and x["task"] == t)
+    mean = sum(x["value"] for x in rows if x["metric"] == "accuracy") / (t + 1)
+    seconds = store.task_meta(t).get("train_seconds", float("nan"))
+    left = n - t - 1
+    print(f"{r.tag} task {t + 1}/{n} {info.name}: acc {own:.1%} | mean over {t + 1} "
+          f"{mean:.1%} | stored {store.total_bytes() / MIB:.2f} MiB | {seconds:.1f} s"
+          + (f" | {left} left, ETA {_clock(_eta(took, left))}" if left else ""), flush=True)
 
 
 def _eta(took: list[float], left: int) -> float:
@@ -313,20 +326,19 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg: RunConfig,
-                policy: DevicePolicy, protocol: Protocol, desc: str,
-                checkpoints: Path, every: CheckpointPolicy, epochs: EpochLog | None = None
-                ) -> None:
+def _learn_task(r: Prepared, info: TaskInfo, task: Task, store: ArtifactStore,
+                checkpoints: Path, epochs: EpochLog | None = None) -> None:
     """Train task ``info`` and commit it to the store. Each training phase checkpoints as
-    ``every`` says and after its last epoch; a resumed task replays its phases in order, and
-    what a method does between them (PackNet's pruning, NWS's k-means pools) runs again on
-    the restored weights and RNG state, so it repeats exactly."""
-    device = policy.device
+    ``r.every`` says and after its last epoch; a resumed task replays its phases in order,
+    and what a method does between them (PackNet's pruning, NWS's k-means pools) runs again
+    on the restored weights and RNG state, so it repeats exactly."""
+    cfg, method, device = r.cfg, r.method, r.policy.device
     seed_global(cfg.seed, info.index, "init")
     model = method.model_for_task(info, store).to(device)
     stats = FitStats()
     calls = itertools.count()
     prefix = checkpoint_prefix(info.index)
+    desc = f"{r.tag} task {info.index + 1}/{len(r.tasks)} {info.name}"
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
         n = next(calls)
@@ -334,10 +346,10 @@ def _learn_task(method: Method, info: TaskInfo, task, store: ArtifactStore, cfg:
             phase=phase, num_workers=cfg.num_workers, progress=cfg.progress,
             desc=f"{desc} [{phase}]", stats=stats,
             checkpoint=checkpoints / f"{prefix}{n}-{phase}.pt",
-            checkpoint_every=every, policy=policy,
+            checkpoint_every=r.every, policy=r.policy,
             recorder=epochs.phase(info.index, n, phase, method, m) if epochs else None)
 
-    phase_fit(model, protocol, "train")
+    phase_fit(model, r.protocol, "train")
     method.finish_task(info, model, phase_fit)
     model.eval()
     with store.transaction() as tx:
@@ -361,15 +373,14 @@ def rebuild(method: Method, task: TaskInfo, store: ArtifactStore) -> torch.nn.Mo
     return model
 
 
-def _evaluate_after(method: Method, bench: Benchmark, tasks: tuple[TaskInfo, ...], t: int,
-                    store: ArtifactStore, policy: DevicePolicy, protocol: Protocol,
-                    cfg: RunConfig) -> list[dict[str, Any]]:
+def _evaluate_after(r: Prepared, t: int, store: ArtifactStore) -> list[dict[str, Any]]:
+    """Accuracy row of every task ``j <= t``, each model rebuilt from the store alone."""
     rows = []
     for j in range(t + 1):
-        model = rebuild(method, tasks[j], store)
-        acc = evaluate(model, bench.tasks[j].test, device=policy.device,
-                       batch_size=protocol.eval_batch_size, amp=protocol.amp,
-                       num_workers=cfg.num_workers, policy=policy)
-        rows.append({"task": j, "task_name": tasks[j].name, "after_task": t,
+        model = rebuild(r.method, r.tasks[j], store)
+        acc = evaluate(model, r.bench.tasks[j].test, device=r.policy.device,
+                       batch_size=r.protocol.eval_batch_size, amp=r.protocol.amp,
+                       num_workers=r.cfg.num_workers, policy=r.policy)
+        rows.append({"task": j, "task_name": r.tasks[j].name, "after_task": t,
                      "metric": "accuracy", "value": acc})
     return rows

@@ -1,22 +1,19 @@
 """A ``benchmarks.run`` command line as a sweep plan: one job per (seed, method), each
-job's command line with every path made absolute (a job may start in another folder, on
-another node), and the launcher flags that place them. Used by the launchers
+job's run configuration with every path made absolute (a job may start in another folder,
+on another node), and the launcher flags that place them. Used by the launchers
 (:mod:`benchmarks.exec.launch`) and by :mod:`benchmarks.exec.status` (which plans the sweep
 it reports on, and never launches)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from benchmarks.core.checks import flag_type
-from benchmarks.core.identity import resolve_input_path, resolve_option_paths
 from benchmarks.core.registry import Registry
-from benchmarks.exec.runs import job_argv, run_configs
+from benchmarks.exec.runs import run_configs
 from benchmarks.exec.sweep import AT_LEAST_ONE, GPUS, MEM_GB, REQUEUES, Job, plan
 
-__all__ = ["LAUNCHERS", "add_launcher_arguments", "normalise_paths", "plan_jobs",
-           "resolve_opt_item"]
+__all__ = ["LAUNCHERS", "add_launcher_arguments", "plan_jobs"]
 
 # The launchers by name (each module imported only when chosen: benchmarks.exec.launch).
 LAUNCHERS: Registry = Registry("launcher")
@@ -61,33 +58,6 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
                    help="requeues on timeout before a run is left partial")
 
 
-def normalise_paths(args: argparse.Namespace) -> None:
-    """Absolute paths: a job may start in another folder (or on another machine)."""
-    for name in ("out", "data_root", "kernels_dir"):
-        if getattr(args, name):
-            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
-    for name in ("weights", "pretrained"):  # a keyword stays; any path is made absolute
-        setattr(args, name, resolve_input_path(getattr(args, name)))
-    args.opt = [resolve_opt_item(item, args.benchmark) for item in args.opt or []] or None
-
-
-def resolve_opt_item(item: str, benchmark: str) -> str:
-    """A ``--opt KEY=VALUE`` with VALUE resolved as the run resolves it, when some method
-    declares KEY an input file (:func:`benchmarks.core.identity.resolve_option_paths`)."""
-    from benchmarks.exec.runs import _value
-    from benchmarks.methods.table import METHODS
-
-    key, sep, value = item.partition("=")
-    for name in METHODS.names():
-        settings = METHODS.get(name).settings(benchmark)
-        if sep and key in settings and isinstance(_value(value), str):
-            resolved = resolve_option_paths(settings, {key: _value(value)})[key]
-            if resolved != _value(value):
-                return f"{key}={resolved}"
-    return item
-
-
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
     """The sweep of a ``benchmarks.run`` command line, one job per (seed, method)."""
-    normalise_paths(args)
-    return plan(run_configs(args), lambda cfg: job_argv(args, cfg))
+    return plan(run_configs(args))

@@ -28,8 +28,8 @@ def prefetch(args) -> list[tuple[str, str, str]]:
     """(status, item, detail) per item: status is ``ok``, ``missing`` or ``warning``."""
     from benchmarks.exec import run as cli
 
-    cli.apply_process_settings(args)
     configs = cli.run_configs(args)
+    cli.apply_process_settings(configs[0])
     found: list[tuple[str, str, str]] = []
     try:
         bench = build_benchmark(configs[0])  # one benchmark, arch and data root per sweep

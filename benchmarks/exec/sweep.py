@@ -1,8 +1,10 @@
 """A sweep plan: the runs of one command as data, one :class:`Job` per (method, seed).
 
 The plan is the cross product of the methods and seeds given, on the benchmark, architecture
-and protocol given. Each job is the ``benchmarks.run`` command line of exactly one run, so
-every launcher places the same thing and the harness never learns how it was started.
+and protocol given. Each job carries the :class:`RunConfig` of exactly one run as data (JSON
+between processes), so every launcher places the same thing and the harness never learns how
+it was started; the one-run ``benchmarks.run`` command line it stands for
+(:meth:`RunConfig.to_argv`) is shown, never parsed back.
 
 A sweep keeps its bookkeeping beside the run folders, in ``<out>/.sweep/`` (analysis reads
 only ``rows.csv`` files, so it never sees it)::
@@ -23,14 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import sys
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks.core.checks import Range
-from benchmarks.engine.harness import RunConfig
+from benchmarks.engine.run_config import RunConfig
 
 SWEEP_DIR = ".sweep"
 MATCH_FIELDS = ("method", "seed", "benchmark", "arch", "protocol", "num_tasks", "pretrained",
@@ -52,31 +52,48 @@ def _json(obj: Any) -> Any:
 
 @dataclass(frozen=True)
 class Job:
-    """One run: its key (file names), the fields that identify its run folder, and the
-    ``benchmarks.run`` arguments that run it."""
+    """One run: its key (file names), the fields that identify its run folder, and its run
+    configuration (:meth:`RunConfig.to_dict`)."""
 
     key: str
     method: str
     seed: int
     match: dict[str, Any]
-    argv: tuple[str, ...]
+    config: dict[str, Any] = field(default_factory=dict)
 
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "benchmarks.run", *self.argv]
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
+
+    def with_config(self, **changes: Any) -> Job:
+        """This job with its configuration's fields ``changes`` set (not its identity: the
+        launcher's threads, say)."""
+        return replace(self, config=self.config | changes)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        return cls(**json.loads(text))
+
+    def argv(self) -> list[str]:
+        """The ``benchmarks.run`` flags of this one run."""
+        return self.run_config().to_argv() if self.config else []
 
     def command_text(self) -> str:
-        return shlex.join(["python", "-m", "benchmarks.run", *self.argv])
+        return shlex.join(["python", "-m", "benchmarks.run", *self.argv()])
 
 
-def job_for(cfg: RunConfig, argv: list[str]) -> Job:
+def job_for(cfg: RunConfig) -> Job:
     match = _json({k: asdict(cfg)[k] for k in MATCH_FIELDS})
     digest = hashlib.sha256(json.dumps(match, sort_keys=True).encode()).hexdigest()[:8]
     key = f"{cfg.benchmark}-{cfg.method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}"
-    return Job(key, cfg.method, cfg.seed, match, tuple(argv))
+    # a job's output is a log: no bars
+    return Job(key, cfg.method, cfg.seed, match, replace(cfg, progress=False).to_dict())
 
 
-def plan(configs: list[RunConfig], argv_for: Callable[[RunConfig], list[str]]) -> list[Job]:
-    return [job_for(cfg, argv_for(cfg)) for cfg in configs]
+def plan(configs: list[RunConfig]) -> list[Job]:
+    return [job_for(cfg) for cfg in configs]
 
 
 def job_table(jobs: list[Job]) -> str:

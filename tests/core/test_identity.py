@@ -59,7 +59,7 @@ def rid_only(monkeypatch):
         def __exit__(self, *args) -> bool: return False
 
     monkeypatch.setattr(harness, "RunLock", NoLock)
-    monkeypatch.setattr(harness, "_run_locked", lambda *args: args[6])
+    monkeypatch.setattr(harness, "_run_locked", lambda r, *rest: r.rid)
 
 
 @pytest.mark.parametrize("method", sorted(DEFAULT_IDS))
@@ -165,7 +165,8 @@ def test_a_relative_path_is_one_run_inline_and_through_a_launcher(tmp_path, monk
     job = plan_jobs(p.parse_args([*argv, "--launcher", "local"]))[0]
     assert inline.pretrained == str(tmp_path / "w.pt") == job.match["pretrained"]
     assert inline.method_options["pools"] == str(pools) == job.match["method_options"]["pools"]
-    jobbed = cli.run_configs(cli.parser().parse_args(list(job.argv)))[0]
+    assert job.run_config().method_options == inline.method_options
+    jobbed = cli.run_configs(cli.parser().parse_args(job.argv()))[0]
     assert (jobbed.pretrained, jobbed.method_options) == (inline.pretrained,
                                                           inline.method_options)
 

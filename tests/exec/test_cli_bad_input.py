@@ -108,7 +108,7 @@ pid_file, out = sys.argv[1], sys.argv[2]
 child = f"import os, time; open({pid_file!r}, 'w').write(str(os.getpid())); time.sleep(120)"
 local.job_command = lambda *a, **k: [sys.executable, "-c", child]
 args = argparse.Namespace(jobs=1, per_gpu=None, gpus=None, threads=1, out=out)
-sys.exit(local.launch_local([Job("k", "finetune", 1, {}, ())], args))
+sys.exit(local.launch_local([Job("k", "finetune", 1, {})], args))
 """
 
 

@@ -102,9 +102,10 @@ def test_the_plan_is_methods_by_seeds_and_dry_run_prints_it(tmp_path, capsys):
                   "--set", "epochs=2", "--out", str(tmp_path)])
     assert [(j.method, j.seed) for j in jobs] == [("finetune", 1), ("packnet", 1),
                                                   ("finetune", 2), ("packnet", 2)]
-    argv = jobs[1].argv
-    assert argv[:4] == ("--method", "packnet", "--seeds", "1")
-    assert argv[argv.index("--set"):argv.index("--set") + 2] == ("--set", "epochs=2")
+    assert jobs[1].config["protocol_overrides"] == {"epochs": 2}  # the job carries data
+    argv = jobs[1].argv()  # the one-run command line it stands for
+    assert argv[:4] == ["--method", "packnet", "--seeds", "1"]
+    assert argv[argv.index("--set"):argv.index("--set") + 2] == ["--set", "epochs=2"]
     assert str(tmp_path) in argv and "--launcher" not in argv
     code = cli.main([*SYNTH, "--method", "finetune,packnet", "--seeds", "1", "2", "--out",
                      str(tmp_path), "--launcher", "local", "--jobs", "2", "--dry-run"])
@@ -285,10 +286,10 @@ def test_slurm_array_through_a_fake_sbatch(tmp_path, monkeypatch, capsys):
             submission = pickle.load(fh)
         (job,) = submission.args
         assert submission.function.settings["partition"] == "gpu"
-        commands.append(job.argv)
-    assert [(a[1], a[3]) for a in commands] == [("finetune", "1"), ("packnet", "1"),
-                                                ("finetune", "2"), ("packnet", "2")]
-    assert all(a[-2:] == ("--threads", "4") for a in commands)
+        commands.append(job.run_config())
+    assert [(c.method, c.seed) for c in commands] == [("finetune", 1), ("packnet", 1),
+                                                      ("finetune", 2), ("packnet", 2)]
+    assert all(c.threads == 4 and not c.progress for c in commands)
 
 
 def test_status_reports_done_running_partial_failed_and_missing(tmp_path, monkeypatch,

@@ -112,7 +112,7 @@ def test_damaged_files_and_job_records_are_named_never_a_traceback(tmp_path, cap
     assert lines[name.format(6)].startswith("damaged") and "has no 'tasks'" in (
         lines[name.format(6)])
     assert lines["_summary"] == "1 done, 1 partial, 4 damaged"
-    assert find_run_dir(root, Job("k", "nws", 2, {"method": "nws", "seed": 2}, ())) is None
+    assert find_run_dir(root, Job("k", "nws", 2, {"method": "nws", "seed": 2})) is None
 
 
 def test_tables_and_figures_leave_damaged_runs_out_with_a_note(results, tmp_path, caplog):

@@ -1,6 +1,6 @@
-"""One job of a sweep, as every launcher runs it: ``benchmarks.run`` for one (method, seed),
-then a record of how it ended (``<out>/.sweep/jobs/<key>.json``, copied into the run folder as
-``job.json``) for :mod:`benchmarks.status`.
+"""One job of a sweep, as every launcher runs it: the run of its configuration (the job's
+JSON carries it), then a record of how it ended (``<out>/.sweep/jobs/<key>.json``, copied
+into the run folder as ``job.json``) for :mod:`benchmarks.status`.
 
     python -m benchmarks.exec.launch.job --out OUT --job JOB_JSON [--log LOG] [--launcher JSON]
 
@@ -32,10 +32,9 @@ def run_job(job: Job, out: str | Path, log: str | None = None,
     from benchmarks.exec import runs
 
     started = time.time()
-    args = runs.run_parser().parse_args(list(job.argv))
     logging_setup()
     try:
-        runs.execute(args)
+        runs.execute_configs([job.run_config()])
     except RunLockedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -64,9 +63,8 @@ def logging_setup() -> None:
 def job_command(job: Job, out: str | Path, log: str | None,
                 launcher: dict[str, Any]) -> list[str]:
     """The command line that runs ``job`` through :func:`run_job` in a fresh process."""
-    spec = json.dumps({"key": job.key, "method": job.method, "seed": job.seed,
-                       "match": job.match, "argv": list(job.argv)})
-    return [sys.executable, "-m", "benchmarks.exec.launch.job", "--out", str(out), "--job", spec,
+    return [sys.executable, "-m", "benchmarks.exec.launch.job", "--out", str(out),
+            "--job", job.to_json(),
             "--launcher", json.dumps(launcher), *(["--log", log] if log else [])]
 
 
@@ -78,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", default=None, help="where this job's output goes (recorded)")
     p.add_argument("--launcher", default="{}", help="the launcher's settings (JSON, recorded)")
     args = p.parse_args(argv)
-    spec = json.loads(args.job)
-    job = Job(spec["key"], spec["method"], spec["seed"], spec["match"], tuple(spec["argv"]))
+    job = Job.from_json(args.job)
     return run_job(job, args.out, args.log, json.loads(args.launcher))
 
 

@@ -155,11 +155,9 @@ def launch_local(jobs: list[Job], args: argparse.Namespace) -> int:
                                                       os.environ.get("PYTHONPATH")]))}
                 if slots[slot] is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slots[slot]
-                argv = list(job.argv)
                 if args.threads is None:
-                    argv += ["--threads", str(threads)]
-                cmd = job_command(Job(job.key, job.method, job.seed, job.match, tuple(argv)),
-                                  args.out, str(log), settings | {"gpu": slots[slot]})
+                    job = job.with_config(threads=threads)
+                cmd = job_command(job, args.out, str(log), settings | {"gpu": slots[slot]})
                 with open(log, "ab") as fh:
                     fh.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} "
                              f"{job.command_text()}\n".encode())

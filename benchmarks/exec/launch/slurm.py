@@ -153,8 +153,7 @@ def executor_for(out: str, settings: dict[str, Any], n_jobs: int):
 def launch_slurm(jobs: list[Job], args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.threads is None and settings.get("cpus"):  # a job's threads: its CPUs
-        jobs = [Job(j.key, j.method, j.seed, j.match,
-                    (*j.argv, "--threads", str(settings["cpus"]))) for j in jobs]
+        jobs = [j.with_config(threads=settings["cpus"]) for j in jobs]
     ex = executor_for(args.out, settings, len(jobs))
     submitted = ex.map_array(RunJob(args.out, settings), jobs)
     folder = sweep_dir(args.out) / "slurm"

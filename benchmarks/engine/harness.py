@@ -49,7 +49,7 @@ from benchmarks.engine.checkpoints import (
 )
 from benchmarks.engine.run_config import RunConfig
 from benchmarks.engine.trackers import TrackerSet
-from benchmarks.engine.training import FitStats, evaluate, fit
+from benchmarks.engine.training import FitStats, PhaseSpec, evaluate, fit
 from benchmarks.methods.contract import Method, MethodContext, TaskInfo
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import Pretrained, check_input_size, no_init, unset_tensors
@@ -342,12 +342,13 @@ def _learn_task(r: Prepared, info: TaskInfo, task: Task, store: ArtifactStore,
 
     def phase_fit(m: torch.nn.Module, proto: Protocol, phase: str) -> None:
         n = next(calls)
-        fit(m, method, proto, task.train, device=device, seed=cfg.seed, task=info.index,
-            phase=phase, num_workers=cfg.num_workers, progress=cfg.progress,
-            desc=f"{desc} [{phase}]", stats=stats,
-            checkpoint=checkpoints / f"{prefix}{n}-{phase}.pt",
-            checkpoint_every=r.every, policy=r.policy,
-            recorder=epochs.phase(info.index, n, phase, method, m) if epochs else None)
+        fit(m, method, proto, task.train, PhaseSpec(
+            device=device, seed=cfg.seed, task=info.index, phase=phase,
+            num_workers=cfg.num_workers, progress=cfg.progress, desc=f"{desc} [{phase}]",
+            checkpoint=checkpoints / f"{prefix}{n}-{phase}.pt", checkpoint_every=r.every,
+            policy=r.policy,
+            recorder=epochs.phase(info.index, n, phase, method, m) if epochs else None),
+            stats)
 
     phase_fit(model, r.protocol, "train")
     method.finish_task(info, model, phase_fit)

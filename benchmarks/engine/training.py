@@ -233,100 +233,149 @@ def _epoch_batches(dataset: Dataset, on_device: DeviceBatches | None, protocol: 
                            protocol.drop_last)
 
 
-def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset, *,
-        device: torch.device, seed: int, task: int, phase: str, num_workers: int = 0,
-        progress: bool = True, desc: str = "", stats: FitStats | None = None,
-        checkpoint: Path | None = None, checkpoint_every: CheckpointPolicy | None = None,
-        policy: DevicePolicy | None = None, recorder: PhaseRecorder | None = None
-        ) -> FitStats:
-    """Train ``model`` on ``dataset`` for ``protocol.epochs`` epochs (one phase of a task).
+@dataclass
+class PhaseSpec:
+    """One training phase of one task: which it is (``seed``, ``task``, ``phase`` seed its
+    data order and augmentation), where it runs (``device``; ``policy``, default
+    :meth:`DevicePolicy.for_device`; data-loader ``num_workers``), and what it keeps and
+    shows (``checkpoint`` file and ``checkpoint_every``, default
+    :data:`DEFAULT_CHECKPOINT_EVERY`; per-epoch ``recorder``; a progress bar titled
+    ``desc``)."""
 
-    ``checkpoint``: the model, optimiser, schedule, loss scaler, statistics and RNG state are
-    saved there as ``checkpoint_every`` says (default :data:`DEFAULT_CHECKPOINT_EVERY`) and
-    after the phase's last epoch, and a phase that finds one continues after its last saved
-    epoch (one that finds its phase finished only restores it). Each epoch's data order and
-    augmentation are seeded by (seed, task, phase, epoch), so on CPU with ``--deterministic``
-    the result is bit-identical to an uninterrupted run; the epochs after the last save are
-    lost. ``stats.seconds`` counts the epochs kept.
+    device: torch.device
+    seed: int
+    task: int
+    phase: str = "train"
+    num_workers: int = 0
+    progress: bool = True
+    desc: str = ""
+    checkpoint: Path | None = None
+    checkpoint_every: CheckpointPolicy | None = None
+    policy: DevicePolicy | None = None
+    recorder: PhaseRecorder | None = None
 
-    ``policy`` (default: :meth:`DevicePolicy.for_device`): with ``data_on_device`` an
-    in-memory data set is one uint8 tensor on ``device``, batches are drawn and augmented
-    there (:mod:`benchmarks.data.batches`); other data sets go through a DataLoader.
-    ``protocol.drop_last`` decides the last partial batch (a batch of one image is always
-    dropped: BatchNorm cannot train on it); kept, it is the one batch of another size.
 
-    ``recorder``: per-epoch records (:mod:`benchmarks.core.epoch_log`): called around each epoch
-    and given each step's loss on the device; it reads once per epoch, after the epoch's wait.
-    """
-    stats = stats if stats is not None else FitStats()
-    policy = policy if policy is not None else DevicePolicy.for_device(device)
-    every = checkpoint_every or CheckpointPolicy.parse(DEFAULT_CHECKPOINT_EVERY)
-    model.to(device).train()
-    per_epoch = batches_per_epoch(len(dataset), protocol.batch_size, protocol.drop_last)
-    if protocol.max_steps_per_epoch is not None:
-        per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
-    trainer = Trainer(model, method, protocol, device, compile=policy.compile,
-                      steps_per_epoch=per_epoch)
-    first, running = load_checkpoint(checkpoint, trainer, stats) if checkpoint else (0, None)
-    if first:
-        log.info("%s: resumed after epoch %d/%d (step %d) from %s", desc or phase, first,
-                 protocol.epochs, stats.steps, checkpoint)
-    on_device = _on_device(dataset, policy)
-    bar = tqdm(total=protocol.epochs * per_epoch, initial=first * per_epoch, desc=desc,
-               disable=not progress, leave=False, unit="step", dynamic_ncols=True,
-               mininterval=0.5)
-    start = saved_at = time.perf_counter()
-    saved_epoch = first
-    if recorder is not None:
-        recorder.start(first, protocol.epochs, per_epoch, device)
-    monitor = LossMonitor(device)  # loss read back without waiting for the device
+def fit(model: nn.Module, method: Method, protocol: Protocol, dataset: Dataset,
+        spec: PhaseSpec, stats: FitStats | None = None) -> FitStats:
+    """Train ``model`` on ``dataset`` for ``protocol.epochs`` epochs (one phase of a task);
+    returns ``stats`` (new if None) with the phase's steps, seconds and last loss added.
 
-    def report(reading: LossReading | None, epoch: int) -> LossReading | None:
-        if reading is not None:
-            trainer.check_finite(reading)
-            bar.set_postfix(epoch=f"{epoch + 1}/{protocol.epochs}",
-                            loss=f"{reading.running:.3f}",
-                            lr=f"{trainer.opt.param_groups[0]['lr']:.1e}", refresh=False)
-        return reading
+    Checkpoint (``spec.checkpoint``): the model, optimiser, schedule, loss scaler, statistics
+    and RNG state are saved as ``spec.checkpoint_every`` says and after the phase's last
+    epoch, and a phase that finds one continues after its last saved epoch (one that finds
+    its phase finished only restores it). Each epoch's data order and augmentation are
+    seeded by (seed, task, phase, epoch), so on CPU with ``--deterministic`` the result is
+    bit-identical to an uninterrupted run; the epochs after the last save are lost.
+    ``stats.seconds`` counts the epochs kept.
 
-    for epoch in range(first, protocol.epochs):
-        batches = _epoch_batches(dataset, on_device, protocol, seed, (task, phase, epoch),
-                                 num_workers, policy.pin_memory)
-        if recorder is not None:
-            recorder.begin(epoch)
+    Data: with the policy's ``data_on_device`` an in-memory data set is one uint8 tensor on
+    the device, batches are drawn and augmented there (:mod:`benchmarks.data.batches`);
+    other data sets go through a DataLoader. ``protocol.drop_last`` decides the last partial
+    batch (a batch of one image is always dropped: BatchNorm cannot train on it); kept, it
+    is the one batch of another size.
+
+    ``spec.recorder``: per-epoch records (:mod:`benchmarks.core.epoch_log`): called around
+    each epoch and given each step's loss on the device; it reads once per epoch, after the
+    epoch's wait."""
+    return _PhaseLoop(model, method, protocol, dataset, spec,
+                      stats if stats is not None else FitStats()).run()
+
+
+class _PhaseLoop:
+    """The state of one :func:`fit` call: its trainer, data, bar and checkpoint clock."""
+
+    def __init__(self, model: nn.Module, method: Method, protocol: Protocol,
+                 dataset: Dataset, spec: PhaseSpec, stats: FitStats) -> None:
+        self.spec, self.protocol, self.dataset, self.stats = spec, protocol, dataset, stats
+        self.policy = spec.policy or DevicePolicy.for_device(spec.device)
+        self.every = spec.checkpoint_every or CheckpointPolicy.parse(DEFAULT_CHECKPOINT_EVERY)
+        model.to(spec.device).train()
+        per_epoch = batches_per_epoch(len(dataset), protocol.batch_size, protocol.drop_last)
+        if protocol.max_steps_per_epoch is not None:
+            per_epoch = min(per_epoch, protocol.max_steps_per_epoch)
+        self.per_epoch = per_epoch
+        self.trainer = Trainer(model, method, protocol, spec.device,
+                               compile=self.policy.compile, steps_per_epoch=per_epoch)
+        self.first, self.running = (load_checkpoint(spec.checkpoint, self.trainer, stats)
+                                    if spec.checkpoint else (0, None))
+        if self.first:
+            log.info("%s: resumed after epoch %d/%d (step %d) from %s",
+                     spec.desc or spec.phase, self.first, protocol.epochs, stats.steps,
+                     spec.checkpoint)
+        self.on_device = _on_device(dataset, self.policy)
+        self.monitor = LossMonitor(spec.device)  # loss read back without waiting
+        self.bar = tqdm(total=protocol.epochs * per_epoch, initial=self.first * per_epoch,
+                        desc=spec.desc, disable=not spec.progress, leave=False, unit="step",
+                        dynamic_ncols=True, mininterval=0.5)
+
+    def run(self) -> FitStats:
+        spec, stats = self.spec, self.stats
+        self.start = self.saved_at = time.perf_counter()
+        self.saved_epoch = self.first
+        if spec.recorder is not None:
+            spec.recorder.start(self.first, self.protocol.epochs, self.per_epoch, spec.device)
+        for epoch in range(self.first, self.protocol.epochs):
+            self._after_epoch(epoch, self._epoch(epoch))
+        self.bar.close()
+        stats.seconds += time.perf_counter() - self.start
+        stats.final_loss = self._final_loss()
+        return stats
+
+    def _epoch(self, epoch: int) -> LossReading | None:
+        """One epoch's steps; returns the reading of its last step (the epoch's one wait)."""
+        spec, trainer = self.spec, self.trainer
+        batches = _epoch_batches(self.dataset, self.on_device, self.protocol, spec.seed,
+                                 (spec.task, spec.phase, epoch), spec.num_workers,
+                                 self.policy.pin_memory)
+        if spec.recorder is not None:
+            spec.recorder.begin(epoch)
         for i, (x, y) in enumerate(batches):
-            if i >= per_epoch:
+            if i >= self.per_epoch:
                 break
             loss = trainer.step(x, y)
             if trainer.sched_per_step:
                 trainer.sched.step()
-            running = loss if running is None else 0.9 * running + 0.1 * loss
-            stats.steps += 1
-            if recorder is not None:
-                recorder.step(i, loss, y)
-            report(monitor.offer(stats.steps, loss, running, report=i == per_epoch - 1,
-                                 nonfinite=trainer.nonfinite_peak), epoch)
-            bar.update(1)
-        last_step = report(monitor.settle(), epoch)  # the one wait of an epoch: its last step
-        if recorder is not None:
-            recorder.end(epoch, trainer.opt.param_groups[0]["lr"])
+            self.running = loss if self.running is None else 0.9 * self.running + 0.1 * loss
+            self.stats.steps += 1
+            if spec.recorder is not None:
+                spec.recorder.step(i, loss, y)
+            self._report(self.monitor.offer(self.stats.steps, loss, self.running,
+                                            report=i == self.per_epoch - 1,
+                                            nonfinite=trainer.nonfinite_peak), epoch)
+            self.bar.update(1)
+        return self._report(self.monitor.settle(), epoch)
+
+    def _report(self, reading: LossReading | None, epoch: int) -> LossReading | None:
+        if reading is not None:
+            self.trainer.check_finite(reading)
+            self.bar.set_postfix(epoch=f"{epoch + 1}/{self.protocol.epochs}",
+                                 loss=f"{reading.running:.3f}",
+                                 lr=f"{self.trainer.opt.param_groups[0]['lr']:.1e}",
+                                 refresh=False)
+        return reading
+
+    def _after_epoch(self, epoch: int, last_step: LossReading | None) -> None:
+        """The epoch's record, schedule step, log line and (when due) checkpoint."""
+        spec, trainer = self.spec, self.trainer
+        if spec.recorder is not None:
+            spec.recorder.end(epoch, trainer.opt.param_groups[0]["lr"])
         if not trainer.sched_per_step:
             trainer.sched.step()
-        if not progress:  # no bar (e.g. output to a log): one line per epoch instead
-            log.info("task %d [%s] epoch %d/%d: loss %.4f", task + 1, phase, epoch + 1,
-                     protocol.epochs, float("nan") if last_step is None else last_step.running)
+        if not spec.progress:  # no bar (e.g. output to a log): one line per epoch instead
+            log.info("task %d [%s] epoch %d/%d: loss %.4f", spec.task + 1, spec.phase,
+                     epoch + 1, self.protocol.epochs,
+                     float("nan") if last_step is None else last_step.running)
         now = time.perf_counter()
-        last = epoch + 1 == protocol.epochs
-        if checkpoint is not None and (last or every.due(epoch + 1 - saved_epoch,
-                                                         now - saved_at)):
-            stats.seconds, start = stats.seconds + now - start, now
-            stats.final_loss = float(running) if running is not None else float("nan")
-            save_checkpoint(checkpoint, trainer, epoch + 1, stats, running)
-            saved_at, saved_epoch = time.perf_counter(), epoch + 1
-    bar.close()
-    stats.seconds += time.perf_counter() - start
-    stats.final_loss = float(running) if running is not None else float("nan")
-    return stats
+        last = epoch + 1 == self.protocol.epochs
+        if spec.checkpoint is not None and (last or self.every.due(
+                epoch + 1 - self.saved_epoch, now - self.saved_at)):
+            self.stats.seconds, self.start = self.stats.seconds + now - self.start, now
+            self.stats.final_loss = self._final_loss()
+            save_checkpoint(spec.checkpoint, trainer, epoch + 1, self.stats, self.running)
+            self.saved_at, self.saved_epoch = time.perf_counter(), epoch + 1
+
+    def _final_loss(self) -> float:
+        return float(self.running) if self.running is not None else float("nan")
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from benchmarks.core.protocols import resolve_protocol
 from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
-from benchmarks.engine.training import fit
+from benchmarks.engine.training import PhaseSpec, fit
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.models.archs import Pretrained
 from tests.fakes import assert_learned, learn_split_digits
@@ -32,8 +32,8 @@ def test_quantisation_levels_and_identical_rebuild(tmp_path):
                                Pretrained("resnet18", "none"), AQD.resolve_options("x", {})))
     model = method.model_for_task(info, ArtifactStore(tmp_path))
     assert len(_layers(model)) == 19  # every conv but the stem
-    fit(model, method, protocol, bench.tasks[0].train, device=CPU, seed=0, task=0,
-        phase="train", progress=False)
+    fit(model, method, protocol, bench.tasks[0].train,
+        PhaseSpec(device=CPU, seed=0, task=0, phase="train", progress=False))
     model.eval()
     store = ArtifactStore(tmp_path)
     with store.transaction() as tx:

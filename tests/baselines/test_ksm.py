@@ -12,7 +12,7 @@ from benchmarks.core.protocols import resolve_protocol
 from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
-from benchmarks.engine.training import fit
+from benchmarks.engine.training import PhaseSpec, fit
 from benchmarks.exec import run as cli
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.models import archs
@@ -133,7 +133,7 @@ def test_backbone_is_bit_identical_after_training_a_task(tmp_path):
     masks = {id(m): m.mask.detach().clone() for m in _layers(model)}
     task = BENCHMARKS.get("synthetic")(None).tasks[0]
     fit(model, method, method.ctx.protocol.with_overrides(lr=0.5), task.train,
-        device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False)
+        PhaseSpec(device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False))
     assert all(torch.equal(m.weight, before[id(m)]) for m in _layers(model))
     assert any(not torch.equal(m.mask, masks[id(m)]) for m in _layers(model))  # masks trained
     with store.transaction() as tx:
@@ -216,14 +216,14 @@ def test_cosine_per_step_follows_the_formula(monkeypatch, tmp_path):
     protocol = resolve_protocol("ksm-native", "synthetic").with_overrides(
         epochs=2, max_steps_per_epoch=2, batch_size=8)
     task = BENCHMARKS.get("synthetic")(None).tasks[0]
-    fit(model, method, protocol, task.train, device=torch.device("cpu"), seed=0, task=0,
-        phase="train", progress=False)
+    fit(model, method, protocol, task.train,
+        PhaseSpec(device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False))
     expected = [2e-4 * f for f in (1.0, 0.8535534, 0.5, 0.1464466)]
     assert lrs == pytest.approx(expected, rel=1e-6)
     lrs.clear()  # per epoch (the default unit): the lr holds for an epoch, then moves
     fit(method.model_for_task(method.ctx.tasks[0], ArtifactStore(tmp_path)), method,
         protocol.with_overrides(lr_schedule_unit="epoch"), task.train,
-        device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False)
+        PhaseSpec(device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False))
     assert lrs == pytest.approx([2e-4, 2e-4, 1e-4, 1e-4], rel=1e-6)
 
 

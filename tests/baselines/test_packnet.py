@@ -20,7 +20,7 @@ from benchmarks.core.protocols import resolve_protocol
 from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
-from benchmarks.engine.training import fit
+from benchmarks.engine.training import PhaseSpec, fit
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.models import archs
 from benchmarks.models.archs import Pretrained
@@ -69,8 +69,8 @@ def test_sequence_keeps_older_tasks_exact(tmp_path):
     logits0, owners_before, weights_before = None, None, None
     for info, task in zip(infos, bench.tasks, strict=True):
         def phase_fit(model, proto, phase, task=task, t=info.index):
-            fit(model, method, proto, task.train, device=CPU, seed=0, task=t, phase=phase,
-                progress=False)
+            fit(model, method, proto, task.train,
+                PhaseSpec(device=CPU, seed=0, task=t, phase=phase, progress=False))
 
         model = method.model_for_task(info, store)
         with pytest.raises(IllegalTransitionError), store.transaction() as tx:
@@ -183,8 +183,8 @@ def test_task_1_starts_from_task_0s_stored_bn(tmp_path, bn_start):
     model = method.model_for_task(info, store)
 
     def phase_fit(m, proto, phase):
-        fit(m, method, proto, bench.tasks[0].train, device=CPU, seed=0, task=0, phase=phase,
-            progress=False)
+        fit(m, method, proto, bench.tasks[0].train,
+            PhaseSpec(device=CPU, seed=0, task=0, phase=phase, progress=False))
 
     phase_fit(model, method.ctx.protocol, "train")
     method.finish_task(info, model, phase_fit)

@@ -146,7 +146,7 @@ class _Plain:
 
 def _train(seed: int, data_on_device: bool = True) -> list[torch.Tensor]:
     from benchmarks.core.device_policy import DevicePolicy
-    from benchmarks.engine.training import fit
+    from benchmarks.engine.training import PhaseSpec, fit
 
     bench = BENCHMARKS.get("split_digits")(None, size=16)
     proto = resolve_protocol("quick", "split_digits").with_overrides(epochs=2)
@@ -154,8 +154,9 @@ def _train(seed: int, data_on_device: bool = True) -> list[torch.Tensor]:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                           nn.Linear(4 * 14 * 14, 2))
     policy = DevicePolicy.for_device("cpu", data_on_device=data_on_device)
-    fit(model, _Plain(), proto, bench.tasks[0].train, device=torch.device("cpu"), seed=seed,
-        task=0, phase="train", progress=False, policy=policy)
+    fit(model, _Plain(), proto, bench.tasks[0].train,
+        PhaseSpec(device=torch.device("cpu"), seed=seed, task=0, phase="train", progress=False,
+                  policy=policy))
     return [p.detach().clone() for p in model.parameters()]
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from benchmarks.core.protocols import resolve_protocol
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.loss_monitor import LossMonitor
-from benchmarks.engine.training import TrainingDivergedError, fit
+from benchmarks.engine.training import PhaseSpec, TrainingDivergedError, fit
 from benchmarks.perf.opcount import OpCounter
 from tests.data.test_batches import _Plain
 
@@ -57,8 +57,8 @@ def test_fit_still_stops_on_a_diverging_loss():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                           nn.Linear(4 * 14 * 14, 2))
     with pytest.raises(TrainingDivergedError, match=r"loss is (nan|inf)"):
-        fit(model, _Plain(), proto, bench.tasks[0].train, device=CPU, seed=0, task=0,
-            phase="train", progress=False)
+        fit(model, _Plain(), proto, bench.tasks[0].train,
+            PhaseSpec(device=CPU, seed=0, task=0, phase="train", progress=False))
 
 
 def test_the_cuda_event_marks_the_stream_of_the_loss_device(monkeypatch):

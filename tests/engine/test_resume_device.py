@@ -218,9 +218,9 @@ def test_a_time_interval_saves_when_due(monkeypatch, tmp_path):
     bench = BENCHMARKS.get("synthetic")(None, num_tasks=1, n_train=8, size=8)
     proto = resolve_protocol("smoke", "synthetic").with_overrides(epochs=6)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
-    training.fit(model, _Plain(), proto, bench.tasks[0].train, device=torch.device("cpu"),
-                 seed=1, task=0, phase="train", progress=False,
-                 checkpoint=tmp_path / "c.pt", checkpoint_every=CheckpointPolicy.parse("1m"))
+    training.fit(model, _Plain(), proto, bench.tasks[0].train, training.PhaseSpec(
+        device=torch.device("cpu"), seed=1, task=0, phase="train", progress=False,
+        checkpoint=tmp_path / "c.pt", checkpoint_every=CheckpointPolicy.parse("1m")))
     # clock readings: 0 at the start, then one per epoch end and one after each save:
     # epochs end at 25, 50, 75 (saved: >= 60 s), 125, 150, 175 (the last: saved)
     assert saved == [3, 6]

@@ -55,7 +55,7 @@ from baselines.finetune import Finetune
 from benchmarks.core.protocols import resolve_protocol
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
-from benchmarks.engine.training import fit, make_optimizer, make_scheduler
+from benchmarks.engine.training import PhaseSpec, fit, make_optimizer, make_scheduler
 from benchmarks.exec.run import main as cli
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.methods.table import METHODS
@@ -192,8 +192,8 @@ def learn_store_rebuild(method_name: str, arch: str, root, options: dict | None 
     method = cls(ctx)
     store = ArtifactStore(root / "artifacts")
     model = method.model_for_task(info, store)
-    fit(model, method, protocol, task.train, device=torch.device("cpu"), seed=0, task=0,
-        phase="train", progress=False)
+    fit(model, method, protocol, task.train,
+        PhaseSpec(device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False))
     method.finish_task(info, model, lambda *a: None)
     model.eval()
     with store.transaction() as tx:

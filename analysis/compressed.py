@@ -1,14 +1,13 @@
 """lzma sizes of integer streams (the paper's memory convention), cached on disk by content.
 
 The paper's rule for NWS lzma-compresses each task's int16 index stream twice over
-(docs/reference.md §5). For ResNet-18's ~1.4M indices per task that is ~0.9 s per pass on this
-project's 2-core CPU (measured 2026-11-30: 8.4 s of the 14.4 s of ``analysis.tables`` on the
-mini benchmark's five NWS tasks), paid again by every ``analysis.tables`` and
-``analysis.figures`` call. So sizes are cached with ``joblib.Memory``, keyed by the stream's
-content, dtype and passes (a changed stream is a new key, never a stale size), under
-``$NWS_CACHE_DIR/lzma`` (default ``~/.cache/nws_bench/lzma``); where that folder cannot be
-written, sizes are computed every time. Several streams are compressed at once in threads
-(``lzma`` releases the GIL: 2.9 s against 5.6 s serial for four streams on 2 cores).
+(docs/reference.md §5). For ResNet-18's ~1.4M indices per task that took most of
+``analysis.tables``' time on the mini benchmark (measured: docs/performance.md, The quick start),
+paid again by every ``analysis.tables`` and ``analysis.figures`` call. So sizes are cached with
+``joblib.Memory``, keyed by the stream's content, dtype and passes (a changed stream is a new key,
+never a stale size), under ``$NWS_CACHE_DIR/lzma`` (default ``~/.cache/nws_bench/lzma``); where that
+folder cannot be written, sizes are computed every time. Several streams are compressed at once in
+threads (``lzma`` releases the GIL; measured against serial: docs/performance.md, The quick start).
 """
 
 from __future__ import annotations

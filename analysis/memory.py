@@ -96,7 +96,8 @@ def mib(nbytes: float) -> float:
 @functools.cache
 def uniform_lzma_nbytes(n_symbols: int, dtype: str, count: int, passes: int = 1) -> int:
     """Bytes of ``count`` i.i.d. uniform symbols in [0, n) (seed 0) through ``dtype`` + lzma
-    ``passes`` times. Cached per length: ~1-2 s per distinct length of ~1.4M int16."""
+    ``passes`` times. Cached per length (seconds each: docs/performance.md, The quick
+    start)."""
     values = np.random.default_rng(0).integers(0, n_symbols, count)
     return lzma_nbytes(values, dtype, passes)
 

@@ -138,7 +138,7 @@ QUICK_RETRAIN = (
 def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest of ``values`` (1-D), ties taken in index order:
     the first ``k`` of a stable ascending sort, found by one selection (``kthvalue``) instead
-    of sorting (0.043 s per ResNet-18 layer on 2 cores: 3.4 s of the mini's PackNet run)."""
+    of sorting (measured: docs/performance.md, The quick start)."""
     threshold = torch.kthvalue(values, k).values
     chosen = values < threshold
     ties = (values == threshold).nonzero().squeeze(1)[: k - int(chosen.sum())]

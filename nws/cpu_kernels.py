@@ -6,17 +6,13 @@ tensor operations, each a pass over memory, and :class:`nws.search.ScalarLookup`
 loop over the rows does the same work in a single pass, on every core (OpenMP). The searches
 themselves (:class:`nws.search._Cells`: nearest entry, nearest bisectors, ``beyond``; and
 :class:`nws.search.FullSearch`'s argmin) run one row at a time: 512 distances in eight-lane
-vectors held in L1, instead of a (2048 x 512) product and ~8 passes over it.
-
-Measured on this project's 2-core CPU (AMD EPYC, AVX2), each pair interleaved in one process:
-the check, 262,144 rows of which 12% past their radius, 3.4 vs 9.9 ms; the cell search, 43,000
-rows against 512 entries, 16.6 vs 111.3 ms; training steps, ResNet-34 first task 850.4 vs
-925.2 ms (check only), then 702.3 vs 797.3 ms (search too; plain step 575.5), VGG16 first
-task under Adam 701.1 vs 801.5 ms (plain 562.5), MobileNetV2 later tasks (scalar lookups)
-132.8 vs 143.5 ms.
+vectors held in L1, instead of a (2048 x 512) product and ~8 passes over it. Compiled
+against eager, kernel by kernel and per training step: docs/performance.md, NWS search
+internals.
 
 Built on first use with :mod:`torch.utils.cpp_extension` (needs a C++ compiler with OpenMP and
-ninja; ~30 s once, then loaded from torch's extension cache), with AVX2/FMA where torch
+ninja; once, then loaded from torch's extension cache; its time: docs/performance.md, The
+test suite and the tools' start-up), with AVX2/FMA where torch
 reports them (a separately named build otherwise). If the build fails, or with
 ``NWS_CPU_KERNELS=0``, the eager code runs instead (warned once): both are exact, they differ
 only in rounding inside the allowances, i.e. a row on the edge of its certificate may be
@@ -349,7 +345,8 @@ def compiled() -> ModuleType | None:
 # Instruction sets torch itself found on this CPU -> extra compiler flags. The build is named
 # by its set, so a cache shared by machines with different CPUs (a cluster's home directory)
 # never hands an AVX2 build to a CPU without AVX2. GCC's target_clones would keep one build,
-# but its vector code was 12x slower here (the helpers were not inlined into the clones).
+# but its vector code was much slower (the helpers were not inlined into the clones;
+# measured: docs/performance.md, NWS search internals).
 _ISA_FLAGS = {"AVX2": ("avx2", ["-mavx2", "-mfma"]), "AVX512": ("avx2", ["-mavx2", "-mfma"])}
 
 

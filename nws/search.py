@@ -40,8 +40,8 @@ import torch
 
 from nws.cpu_kernels import kernels_for
 
-# Rows per chunk: chunk x n distances stay a few MiB (2048 x 512 float32 = 4 MiB; 2048 was
-# the fastest of 512-8192 on this project's 2-core CPU).
+# Rows per chunk: chunk x n distances stay a few MiB (2048 x 512 float32 = 4 MiB); 2048 was
+# the fastest chunk tried (measured: docs/performance.md, NWS search internals).
 CHUNK_ROWS = 2048
 
 
@@ -239,7 +239,8 @@ def _first_two_min(dist: torch.Tensor, block: int,
     """Per row: the first column holding the minimum, and (``second``) another column holding
     the minimum of the remaining ones.
 
-    ``argmin`` over 512 columns is a scalar loop on CPU (~17x slower than ``amin``), so the
+    ``argmin`` over 512 columns is a scalar loop on CPU (far slower than ``amin``; measured:
+    docs/performance.md, NWS search internals), so the
     row is cut into blocks: a vectorised ``amin`` per block, then ``argmin`` over the block
     minima and within the one winning block. The first block holding the row minimum holds
     its first occurrence, so ties still go to the lowest index.
@@ -327,10 +328,8 @@ class Searcher(Protocol):
 
 # Layers with at most this many rows are searched in full at every call (:class:`FullSearch`):
 # below it, the certificates' ~40 small tensor operations per call cost more than the search
-# they save. Measured on this project's 2-core CPU, both searchers fed the same rows of a
-# first-task NWS training run after 20 steps, ms per step summed over the layers of a size:
-# ResNet-34 4096-row layers 16.5 (certificates) vs 12.6 (full), 8192 rows 4.4 vs 4.7,
-# 16384 rows 33.7 vs 54.2; MobileNetV2's depthwise layers (32-960 rows) 1.1-6.4 vs 0.2-2.2.
+# they save (both searchers timed on the same rows; measured: docs/performance.md, NWS search
+# internals).
 SMALL_LAYER_ROWS = 8192
 
 
@@ -384,9 +383,8 @@ class FullSearch(_VectorSearcher):
 
 
 # Bisector planes a certificate checks exactly before falling back to a search (see
-# :class:`Certificates`). Measured on two ResNet-34 layers over 9 first-task steps (2-core CPU,
-# float64 replay): rows searched per step 6-9% with none, 1-2% with 1, 0.4-0.8% with 2,
-# 0.3-0.5% with 4 (the floor: rows whose nearest entry really changed).
+# :class:`Certificates`): 2 came close to the floor (the rows whose nearest entry really
+# changed) that 4 reached; measured: docs/performance.md, NWS search internals.
 PLANES = 2
 
 
@@ -438,11 +436,9 @@ class Certificates(_VectorSearcher):
 
     ``beyond`` is measured from the origin (net displacement), not reduced by every
     re-anchoring move (path length): under SGD rows drift to and fro, and path length
-    exhausts ``beyond`` for rows that have not gone far. Measured on ResNet-34's first task
-    (this project's 2-core CPU, steps 28-32 of the speed benchmark's run): of ~54k rows
-    searched per step under path length, ~42k passed the plane test and only ~12k changed
-    entry; with net displacement ~43k rows are searched per step (kept rows drift on from
-    their origin and run out later; a float64 replay had predicted fewer). The origin is
+    exhausts ``beyond`` for rows that have not gone far; net displacement searches fewer
+    rows per step (kept rows drift on from their origin and run out later; measured on
+    ResNet-34's first task: docs/performance.md, NWS search internals). The origin is
     kept in float16 (2 bytes a value) and its rounding error is taken off ``beyond`` when it
     is stored.
     """
@@ -649,24 +645,22 @@ class _Cells:
 class ScalarLookup:
     """Exact nearest entry of a scalar pool (1x1 layers) for every row, by table lookup.
 
-    The certificates of :class:`Certificates` rarely hold for scalars (a 512-entry pool cuts
-    the weight range into narrow cells: in MobileNetV2 training ~25% of the scalar rows change
-    entry every step) and a binary search costs ~30 ns per value on CPU, so every call looks
-    up all rows. The pool's range is cut into ``bins_per_value`` equal bins per distinct
-    value; each bin's neighbourhood (one bin either side, against rounding of the bin number)
-    holds at most one midpoint between consecutive distinct values in almost every bin, so a
-    row's cell is the bin's lower cell, or the next one when the row reaches the bin's
-    threshold: the float32 form of that midpoint, rounded so that a row exactly on it goes to
-    the lower pool index of the two values. Rows in the rare bins holding several midpoints
-    are placed among the midpoints by binary search (:func:`_nearest_rank`). A call finds
-    each row's rank among the distinct values; the selected values come from the rank
+    The certificates of :class:`Certificates` rarely hold for scalars (a 512-entry pool cuts the
+    weight range into narrow cells: in MobileNetV2 training a large share of the scalar rows change
+    entry every step) and a binary search per value is slow on CPU (measured: docs/performance.md,
+    NWS search internals), so every call looks up all rows. The pool's range is cut into
+    ``bins_per_value`` equal bins per distinct value; each bin's neighbourhood (one bin either side,
+    against rounding of the bin number) holds at most one midpoint between consecutive distinct
+    values in almost every bin, so a row's cell is the bin's lower cell, or the next one when the
+    row reaches the bin's threshold: the float32 form of that midpoint, rounded so that a row
+    exactly on it goes to the lower pool index of the two values. Rows in the rare bins holding
+    several midpoints are placed among the midpoints by binary search (:func:`_nearest_rank`). A
+    call finds each row's rank among the distinct values; the selected values come from the rank
     directly and pool indices only when asked (:attr:`index`).
 
-    One gather per row reads both the bin's lower cell and its threshold (packed in 64 bits).
-    Measured on this project's 2-core CPU, 409,600 N(0, 0.05^2) rows against a 512-entry pool
-    of the same law, a call and its kernels interleaved with the previous design (one gather
-    each for cell and threshold, then pool indices and values), 200 pairs: median 3.7 ms
-    against 5.1 ms. A binary search of every row took 340 ms for 2.2M rows.
+    One gather per row reads both the bin's lower cell and its threshold (packed in 64 bits),
+    faster than one gather each (measured against that design: docs/performance.md, NWS
+    search internals).
     """
 
     def __init__(self, pool: torch.Tensor, bins_per_value: int = 64) -> None:
@@ -738,14 +732,16 @@ class ScalarLookup:
                 x.contiguous(), self.table, self.uniq, self.mids, self.canon, self.low,
                 self.scale)
             return None
-        # float -> int32 (not int64: ~7x faster on CPU); NaN goes to bin 0 instead of raising.
+        # float -> int32 (not int64: faster on CPU, docs/performance.md, NWS search internals);
+        # NaN goes to bin 0 instead of raising.
         pos = (x - self.low).mul_(self.scale).nan_to_num_(0.0).clamp_(0, self.bins - 1).int()
         packed = self.table.index_select(0, pos).view(torch.int32).view(-1, 2)
         cell, threshold = packed[:, 0], packed[:, 1].view(torch.float32)
         # min() then nonzero(): a scan for the (rare) unsure bins only where one was hit.
         hit = self.several and int(cell.min()) < 0
         unsure = torch.nonzero(cell < 0).squeeze(1) if hit else None
-        # out-of-place: int32 + bool is ~20x faster than the in-place += on CPU
+        # out-of-place: int32 + bool is faster than the in-place += on CPU (measured:
+        # docs/performance.md, NWS search internals)
         rank = cell + (x >= threshold)
         if unsure is not None:
             rank[unsure] = self._exact_rank(x.index_select(0, unsure))

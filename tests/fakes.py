@@ -59,10 +59,10 @@ def write_image_folder(root: Path, classes: list[str], n: int = 1, size: int = 8
 
 
 # The learning checks run split_digits at 16x16 (the 8x8 digits lose nothing): every
-# convolution is 4x cheaper than at the benchmark's default 32. Measured on the 2-core dev
-# machine: Finetune 48 -> 27 s, KSM 97 -> 64 s, PackNet 124 -> 86 s, NWS 74 -> 80 s (its
-# cost is the weight search, not the convolutions). AQD stays at 32: its 2-bit activations
-# lose too much at 16 (task digits_23 reached 89.2%; the mini's last task 76.3%).
+# convolution is 4x cheaper than at 32, and each method's check took less time, NWS's aside
+# (its cost is the weight search, not the convolutions); measured: docs/performance.md, The
+# quick start. AQD stays at 32: its 2-bit activations lose too much at 16 (task digits_23
+# reached 89.2%; the mini's last task 76.3%).
 DIGITS_TEST_SIZE = 16
 
 # The "learns split_digits" bars (issue 21, item 1): every task's accuracy from the store is

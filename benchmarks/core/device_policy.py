@@ -17,16 +17,17 @@ Defaults (decided here, measured where said):
 - ``data_on_device``: in-memory benchmarks keep each task as one uint8 tensor on the training
   device and augment whole batches there, CUB-to-Sketches from its decoded cache
   (:mod:`benchmarks.data.batches`, :mod:`benchmarks.data.decode_cache`). On by default
-  everywhere (also CPU: 52k against 4.4k Split-CIFAR images/s per thread, measured by
-  ``python -m benchmarks.perf.throughput``); off, the per-image DataLoader path runs.
+  everywhere, CPU included, where it is also the faster path (measured by
+  ``python -m benchmarks.perf.throughput``: docs/performance.md, Data pipeline); off, the
+  per-image DataLoader path runs.
 - ``crop_resample``: how CUB-to-Sketches' random resized crops are resampled
-  (:class:`benchmarks.data.batches.ResizedCropAugment`): ``"per_image"`` on CPU (PyTorch's
-  uint8 resize per crop: reads the boxes on the host, 2.6x the batched path's images/s on 2
-  cores), ``"batched"`` elsewhere (one ``grid_sample`` of the batch: no host read, one
-  launch). ``$NWS_CROP_RESAMPLE`` forces either on any device (tests run both here). The
-  two draw the same crops and differ by at most one uint8 level per pixel, so, like
-  ``--workers``, the choice is recorded in ``env.json`` but is not part of the run identity
-  (the device type, which sets its default, is).
+  (:class:`benchmarks.data.batches.ResizedCropAugment`): ``"per_image"`` on CPU (PyTorch's uint8
+  resize per crop: reads the boxes on the host, and is the faster of the two on CPU; measured:
+  docs/performance.md, Data pipeline), ``"batched"`` elsewhere (one ``grid_sample`` of the batch: no
+  host read, one launch). ``$NWS_CROP_RESAMPLE`` forces either on any device (tests run both here).
+  The two draw the same crops and differ by at most one uint8 level per pixel, so, like
+  ``--workers``, the choice is recorded in ``env.json`` but is not part of the run identity (the
+  device type, which sets its default, is).
 - ``compile``: ``torch.compile`` of the model in the training step; off unless asked for
   (``--compile``; not yet measured on a GPU). Mode: ``"reduce-overhead"`` (CUDA-graph
   capture of the forward and backward) on CUDA, the default (inductor kernels, no graphs)

@@ -164,12 +164,12 @@ class ResizedCropAugment:
       path for a GPU, where a per-image loop would sync and launch per image;
     - ``"per_image"``: each box cut from the uint8 source and resized by
       ``F.interpolate`` in PyTorch's uint8 kernel (channels-last), uint8 like PIL's
-      output; reads the boxes on the host, so CPU only: 2.6x the batched path's
-      images/s on 2 CPU cores (measured 2026-11-30, 256x256 sources, batch 64).
+      output; reads the boxes on the host, so CPU only, where it is the faster path
+      (measured: docs/performance.md, Data pipeline).
 
     Both equal torchvision's ``resized_crop(antialias=False)`` away from the box edges, to
     float rounding (batched) or within one uint8 level (per image: the uint8 kernel's
-    fixed-point weights; measured max 0.98 of a level)."""
+    fixed-point weights; measured: docs/performance.md, Data pipeline)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]

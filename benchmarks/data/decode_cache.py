@@ -1,10 +1,10 @@
 """Folder-tree images decoded once into a uint8 cache, for batches on the device.
 
-CUB-to-Sketches decodes JPEGs at 57-85 images/s per core; a 100-epoch run would decode every
-image 100 times. Here each image is decoded once, through the deterministic first step of
-its transforms, into one ``(N, 3, S, S)`` uint8 array per data set and split, saved as
-``.npy`` (written to a temporary name, then renamed: a kill leaves no half file) with a
-progress bar, and memory-mapped on later runs. Training then augments whole batches on the
+Decoding CUB-to-Sketches' JPEGs is slow on CPU (measured: docs/performance.md, Data pipeline), and a
+100-epoch run would decode every image 100 times. Here each image is decoded once, through the
+deterministic first step of its transforms, into one ``(N, 3, S, S)`` uint8 array per data set and
+split, saved as ``.npy`` (written to a temporary name, then renamed: a kill leaves no half file)
+with a progress bar, and memory-mapped on later runs. Training then augments whole batches on the
 device (:mod:`benchmarks.data.batches`).
 
 What is cached (the first transform's output; one fixed shape per array):

@@ -9,12 +9,12 @@ size/16) only (a flipped digit is another digit).
 Why 24 (issue 17, the quick start's time): the digits are 8x8, so no size above that adds
 information; what the size sets is the ResNet's spatial pipeline (its stem halves the input,
 then three stages halve it again) and the cost of every convolution. At 24 the last stage
-still sees 2x2 (as at CIFAR's 32), and every conv costs 0.56x its cost at 32: the whole mini
-(``python -m benchmarks.mini_timing``, 2026-11-30, this project's 2-core CPU) took 289 s
-against 338 s at 32, every task of every method at least 94.1% from the store (94.9% at 32).
-At 16 the last stage sees 1x1 and the last task fell to 89.0% (NWS) and 76.3% (AQD): the
-test suite's "learns split_digits" checks run there all the same (``size=16``), 4x cheaper
-than 32, because they assert only that each method learns. ``--bench-opt size=32`` gives
+still sees 2x2 (as at CIFAR's 32), and every conv costs (24/32)^2 = 0.56x its cost at 32:
+the whole mini (``python -m benchmarks.mini_timing``) ran faster at 24 than at 32 with every
+task of every method still learned. At 16 the last stage sees 1x1 and the last task's
+accuracy fell (NWS, AQD); measured: docs/performance.md, The quick start. The test suite's
+"learns split_digits" checks run at 16 all the same (``size=16``), 4x cheaper than 32,
+because they assert only that each method learns. ``--bench-opt size=32`` gives
 CIFAR's size.
 """
 

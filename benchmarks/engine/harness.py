@@ -313,9 +313,9 @@ def _report_task(r: Prepared, info: TaskInfo, rows: list[dict[str, Any]],
 
 def _eta(took: list[float], left: int) -> float:
     """Seconds for ``left`` more tasks, from the tasks done so far in this launch. The first
-    carries one-time costs (NWS's pools and CPU-kernel build, data caches): measured on the
-    mini benchmark, 13.6-60 s against 7 s for NWS's later tasks, so once a later task is
-    done the first is left out."""
+    carries one-time costs (NWS's pools and CPU-kernel build, data caches) and took several
+    times a later task on the mini benchmark (measured: docs/performance.md, The quick
+    start), so once a later task is done the first is left out."""
     later = took[1:] or took
     return sum(later) / len(later) * left
 

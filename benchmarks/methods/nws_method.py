@@ -110,8 +110,8 @@ KEYFRAME = Either((OneOf((None, 0, "none"), "only task 0 is a key frame"),
 class NWSMethod(Method):
     name = "nws"
     # The two search paths agree except on near ties within float32 rounding (the full path
-    # settles them in float64, the certificates take the float32 argmin; measured: 1 of
-    # 1.4M indices after 2 steps of ResNet-18), after which training diverges: a run keeps
+    # settles them in float64, the certificates take the float32 argmin; measured:
+    # docs/performance.md, NWS search internals), after which training diverges: a run keeps
     # the path it started with.
     policy_fields = ("search",)
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {

@@ -201,8 +201,8 @@ def no_init() -> Iterator[None]:
     is loaded next (a stored model rebuilt for evaluation): the model is constructed on the
     ``meta`` device and then allocated, float tensors filled with NaN and integer ones with 0,
     so a tensor the load left unset shows (see :func:`unset_tensors`) instead of passing for
-    a trained one. ResNet-18's random init took 0.32 s of PackNet's 0.83 s ``load_task``
-    (cProfile on the 2-core dev machine, 2026-11-30); ``python -m benchmarks.perf.rebuild_speed``
+    a trained one. The random init was a large share of a rebuild's time (measured:
+    docs/performance.md, The quick start); ``python -m benchmarks.perf.rebuild_speed``
     times the whole rebuild with and without it."""
     token = _NO_INIT.set(True)
     try:

@@ -14,9 +14,9 @@ the other, each timed by the wall clock, and prints:
   data) and saving the run's files;
 - the lowest accuracy of each method over every task, rebuilt from the store after the last
   task (the mini's quality bar: every task >= 75%, well above the 50% of chance on these
-  two-class tasks; it was 90% until AQD's default became QTool's recipe, whose 4 quick epochs
-  gave 82.2% on digits_89 and 85.0% on digits_23, mean 92.9%, split_digits 24x24, seed 1993,
-  2026-12-03, 2-core CPU: the reference recipe learns more slowly on this smoke schedule).
+  two-class tasks; it was 90% until AQD's default became QTool's recipe, which learns more
+  slowly on this smoke schedule; measured: docs/performance.md, Accuracy figures behind
+  quick-protocol settings and test bars).
 
 It starts as a newcomer's first command does: an empty results folder, empty derived-value
 cache (``NWS_CACHE_DIR``) and, unless ``--warm-kernels``, an empty build folder for NWS's CPU

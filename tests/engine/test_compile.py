@@ -94,7 +94,8 @@ def _check_compiled_equals_eager(method: str) -> None:
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_survives_compile(method, tiny_arch, monkeypatch):
     """Dynamo and AOT autograd (where a method's hooks, fused autograd ops and per-step
-    state meet the compiler), without inductor's C++ builds (1-25 s per method here)."""
+    state meet the compiler), without inductor's C++ builds (seconds per method: measured in
+    docs/performance.md, The test suite and the tools' start-up)."""
     monkeypatch.setattr("benchmarks.engine.training.compile_options",
                         lambda device: {"backend": "aot_eager"})
     _check_compiled_equals_eager(method)
@@ -104,8 +105,8 @@ def test_every_method_survives_compile(method, tiny_arch, monkeypatch):
 @pytest.mark.parametrize("method", ["aqd", "aqd-lsq"])
 def test_inductor_compiles_a_method_step(method, tiny_arch):
     """The CPU default (inductor) end to end, on the method with the most custom ops, in
-    both recipes (lsq: its activation-scale init in the graph; ~15 s each here, most of it
-    C++ builds)."""
+    both recipes (lsq: its activation-scale init in the graph; most of its time is C++
+    builds: docs/performance.md, The test suite and the tools' start-up)."""
     _check_compiled_equals_eager(method)
 
 

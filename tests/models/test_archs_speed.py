@@ -14,8 +14,8 @@ The NWS issue's target (NWS step <= 1.3x the plain step) is reported, not assert
 prints each test's ``paired_ratio`` (median NWS step / median plain step over paired rounds:
 :mod:`tests.paired`). Timing starts after ``WARMUP`` steps on cycling batches: the first
 step searches every kernel, and the number of kernels leaving their certified cell per step
-grows over the first ~20 steps before it levels off (measured on ResNet-34, first task:
-~10k searched rows at step 4, ~50k from step 20 on, of 2.3M), so early steps flatter NWS.
+grows over the first ~20 steps before it levels off (measured on ResNet-34's first task:
+docs/performance.md, NWS training step against the plain step), so early steps flatter NWS.
 """
 
 from __future__ import annotations

@@ -62,9 +62,10 @@ from benchmarks.methods.table import METHODS
 from benchmarks.models import archs
 from nws.bitpack import packed_nbytes
 
-# NWS smoke runs use small pools: the search costs O(kernels x pool size) and the paper's
-# 512 entries take tens of seconds per full search of ResNet-34/MobileNetV2 on 2 cores (the
-# 512-entry step is timed in test_archs_speed.py). Store/rebuild identity does not depend on n.
+# NWS smoke runs use small pools: the search costs O(kernels x pool size) and a full search
+# of ResNet-34/MobileNetV2 with the paper's 512 entries is slow on CPU (measured:
+# docs/performance.md, NWS search internals; the 512-entry step is timed in
+# test_archs_speed.py). Store/rebuild identity does not depend on n.
 SMOKE_NWS = {"pools": "kmeans-pretrained", "pool_size": 16, "kmeans_iters": 2,
              "kmeans_points": 2048}
 

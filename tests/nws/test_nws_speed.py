@@ -55,12 +55,11 @@ def make_step(variant: str):
 
 
 # glibc raises its mmap threshold as large blocks are freed, after which large tensors come
-# from the heap and its fragmentation varies from run to run: peak RSS then moved by +-30 MiB
-# between identical runs here (ratio 1.18-1.21), against 1.153 both times with the threshold
-# fixed at 64 KiB (large tensors mapped and unmapped: the peak is the tensors'). The assertion
-# uses the fixed threshold; the default allocator's ratio is reported beside it. (Since the
-# float16 search origins of commit 5a06406, +21 MiB: 1.176 fixed, 1.18-1.20 default; with the
-# compiled CPU check loaded, 2ef6277: 1.181 fixed, 1.21-1.23 default.)
+# from the heap and its fragmentation varies from run to run: peak RSS then moved between
+# identical runs, while with the threshold fixed at 64 KiB (large tensors mapped and unmapped:
+# the peak is the tensors') it repeated (the ratios, per commit: docs/performance.md, NWS
+# training step against the plain step). The assertion uses the fixed threshold; the default
+# allocator's ratio is reported beside it.
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 

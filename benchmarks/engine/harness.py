@@ -150,14 +150,16 @@ def run_identity(cfg: RunConfig, protocol: Protocol, options: dict[str, Any],
     proto = protocol.as_dict()
     proto.pop("provenance")
     settings = method_cls.settings(cfg.benchmark)
+    plugin = METHODS.provenance(method_cls)  # None for a built-in: its identity unchanged
     return {
-        "method": cfg.method, "benchmark": cfg.benchmark, "arch": cfg.arch, "seed": cfg.seed,
+        "method": method_cls.name, "benchmark": cfg.benchmark, "arch": cfg.arch,
+        "seed": cfg.seed,
         "protocol": proto, "options": options, "pretrained": pretrained,
         "num_tasks": cfg.num_tasks, "benchmark_options": data_identity(cfg.benchmark_options),
         "deterministic": cfg.deterministic, "device_type": device.type,
         "rule_version": method_cls.rule_version,
         "inputs": input_digests(pretrained, settings, options),
-    }
+    } | ({} if plugin is None else {"plugin": plugin})
 
 
 def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
@@ -195,7 +197,7 @@ def run(cfg: RunConfig, bench: Benchmark | None = None) -> Path:
     trackers = TrackerSet(cfg.loggers, results.dir, rid, identity)  # checked: no folder yet
     # read only: no lock, no write (a finished run on a read-only disk reports itself done)
     if _finished(results, identity, tasks, defaults):
-        print(f"[{cfg.method} s{cfg.seed}] all {len(tasks)} tasks done in {results.dir}: "
+        print(f"[{method_cls.name} s{cfg.seed}] all {len(tasks)} tasks done in {results.dir}: "
               f"nothing to do", flush=True)
         return results.dir
     with RunLock(results.dir), trackers:  # one writer per run folder, for the run's life
@@ -251,11 +253,11 @@ def _run_locked(cfg: RunConfig, bench: Benchmark, method: Method, method_cls: ty
     store = ArtifactStore(results.dir / "artifacts")
     epochs = EpochLog(results.dir, method_cls.EPOCH_FIGURES, [trackers] if trackers else [])
 
-    base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": cfg.method,
+    base_row = {"run_id": rid, "benchmark": cfg.benchmark, "method": method_cls.name,
                 "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
                 "synthetic": bench.synthetic}
     finished = results.finished_tasks()
-    tag = f"[{cfg.method} s{cfg.seed}]"
+    tag = f"[{method_cls.name} s{cfg.seed}]"
     took: list[float] = []  # wall seconds of each task done in this launch
     for task, info in zip(bench.tasks, tasks, strict=True):
         t = info.index

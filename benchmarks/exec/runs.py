@@ -71,7 +71,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     def add(*names: str, **kwargs: Any) -> None:
         actions.append(r.add_argument(*names, **kwargs))
 
-    add("--method", default="all", help="comma-separated method names, or 'all'")
+    add("--method", default="all",
+        help="comma-separated method names or plugin specs (pkg.module:Class), or 'all'")
     add("--benchmark", default="split_digits")
     add("--arch", default="resnet18")
     add("--protocol", default="quick")
@@ -193,12 +194,10 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
                            (PROTOCOLS, args.protocol)):
         registry.get(name)
-    # "nws, finetune" is read as "nws,finetune"; a name or seed given twice is one run (two
-    # jobs of one run would only meet at its lock)
-    methods = METHODS.names() if args.method.strip() == "all" else list(dict.fromkeys(
-        name.strip() for name in args.method.split(",")))
-    for name in methods:
-        METHODS.get(name)
+    # "nws, finetune" is read as "nws,finetune"; names and specs (pkg.mod:Class) resolved
+    # (PluginError, a ValueError, for a bad spec); a method or seed given twice is one run
+    # (two jobs of one run would only meet at its lock)
+    methods = METHODS.split(args.method)
     from benchmarks.core.protocols import resolve_protocol
 
     for flag in ("out", "checkpoint_dir", "kernels_dir"):

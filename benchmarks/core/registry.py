@@ -86,9 +86,10 @@ def distribution_of(module: str) -> tuple[str | None, str | None]:
     names = metadata.packages_distributions().get(top, [])
     if names:
         return names[0], metadata.version(names[0])
-    for ep in metadata.entry_points():
-        if ep.group.startswith("nws_bench.") and ep.module.partition(".")[0] == top and ep.dist:
-            return ep.dist.name, ep.dist.version
+    for dist in metadata.distributions():
+        if any(ep.group.startswith("nws_bench.") and ep.module.partition(".")[0] == top
+               for ep in dist.entry_points):
+            return dist.name, dist.version
     return None, None
 
 

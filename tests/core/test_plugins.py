@@ -166,6 +166,12 @@ def test_the_plugin_key_names_the_distribution_and_an_upgrade_is_not_resumed(
     assert "Traceback" not in err
 
 
+def test_an_installed_module_path_plugin_names_its_distribution(site):
+    write_distribution(site, "p24plug-mod-dist", "2.5", [MOD], {})  # no entry point
+    assert METHODS.provenance(METHODS.get(f"{MOD}:TinyFT")) == {
+        "class": f"{MOD}:TinyFT", "distribution": "p24plug-mod-dist", "version": "2.5"}
+
+
 def test_unknown_names_say_what_a_spec_is():
     with pytest.raises(UnknownNameError) as err:
         METHODS.get("mypkg.methods.MyMethod")

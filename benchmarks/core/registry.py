@@ -16,6 +16,9 @@ specs, entry points, identity"):
    is an architecture the factory makes from ``resnet10t``, never ``timm.resnet10t``);
 4. a module path ``package.module:Attr`` (``Attr`` may be dotted: ``mod:Outer.Inner``).
 
+Rules 2 and 4 hold for a registry given an entry-point ``group`` (methods, benchmarks,
+architectures); the others (protocols, loggers, launchers) take their names and prefixes only.
+
 What a plugin (2, 4) gives is checked by the registry's validator (methods: a
 ``benchmarks.methods.contract.Method`` subclass with a ``name``); the name it goes by must not
 be a built-in's or another plugin's. Every failure is a :class:`PluginError` (a
@@ -151,13 +154,16 @@ class Registry(Generic[T]):
         prefix, colon, rest = spec.partition(":")
         if colon and prefix in self._prefixes:
             return self._prefixed(spec, prefix, rest)
-        if colon:
+        if colon and self.group is not None:
             return self._module_path(spec)
-        hint = " (a module path takes a colon: package.module:Attr)" if "." in spec else ""
+        takes = self.group is not None
+        hint = (" (a module path takes a colon: package.module:Attr)"
+                if takes and "." in spec else "")
         raise UnknownNameError(
             f"unknown {self.kind} {spec!r}{hint}; valid {self.kind}s: "
-            f"{', '.join([*self.names(), *plugins])}; or a module path package.module:Attr"
-            + "".join(f"; or {p}:NAME" for p in self._prefixes))
+            f"{', '.join([*self.names(), *plugins])}"
+            + "".join(f"; or {p}:NAME" for p in self._prefixes)
+            + ("; or a module path package.module:Attr" if takes else ""))
 
     def split(self, text: str) -> list[str]:
         """The specs of a comma-separated list (``all``: the built-in names), each resolved
@@ -214,7 +220,8 @@ class Registry(Generic[T]):
                   + (f", {p.distribution} {p.version}" if p.distribution else "") + "]")
                  for p in plugins.values()]
         rows += [(f"{p}:NAME", help) for p, (_, help) in self._prefixes.items()]
-        rows.append(("pkg.module:Attr", f"a plugin's {self.kind} by its module path"))
+        if self.group is not None:
+            rows.append(("pkg.module:Attr", f"a plugin's {self.kind} by its module path"))
         width = max((len(n) for n, _ in rows), default=0)
         lines = [f"{self.kind}s:"] + [f"  {n:<{width}}  {h}".rstrip() for n, h in rows]
         lines += [f"  left out: entry point {name}: {why}" for name, why in self._broken.items()]

@@ -181,7 +181,7 @@ def test_unknown_names_say_what_a_spec_is():
 
 def test_a_prefix_is_tried_before_the_module_path_rule():
     made = []
-    reg: Registry[str] = Registry("thing")
+    reg: Registry[str] = Registry("thing", group="p24plug.none")
     reg.add_prefix("json", lambda rest: made.append(rest) or f"made {rest}", "things by name")
     assert reg.get("json:dumps") == "made dumps"  # never json.dumps
     assert made == ["dumps"]
@@ -190,3 +190,6 @@ def test_a_prefix_is_tried_before_the_module_path_rule():
     with pytest.raises(ValueError, match="declared twice"):
         reg.add_prefix("json", str, "again")
     assert callable(reg.get("textwrap:dedent"))  # other modules: the module-path rule
+    plain: Registry[str] = Registry("logger")  # no entry-point group: names only
+    with pytest.raises(UnknownNameError, match="unknown logger 'textwrap:dedent'"):
+        plain.get("textwrap:dedent")

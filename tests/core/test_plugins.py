@@ -166,6 +166,26 @@ def test_the_plugin_key_names_the_distribution_and_an_upgrade_is_not_resumed(
     assert "Traceback" not in err
 
 
+def test_a_plugin_moved_to_another_class_path_is_not_resumed(site, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["--method", f"{MOD}:TinyFT", *TINY, "--out", str(out)]) == 0
+    write_method_module(site, MOD + "_moved")  # the same name, tiny-ft: the same run folder
+    METHODS.forget_plugins()  # as a new process
+    assert cli.main(["--method", f"{MOD}_moved:TinyFT", *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"its class '{MOD}:TinyFT' -> '{MOD}_moved:TinyFT'" in err, err
+
+
+def test_a_job_carries_the_spec(site, tmp_path):
+    from benchmarks.exec.launch import plan_jobs
+
+    args = cli.parser().parse_args(["--method", f"finetune,{MOD}:TinyFT", *TINY, "--out",
+                                    str(tmp_path), "--launcher", "slurm"])
+    jobs = plan_jobs(args)
+    assert [j.argv[:2] for j in jobs] == [("--method", "finetune"),
+                                          ("--method", f"{MOD}:TinyFT")]
+
+
 def test_an_installed_module_path_plugin_names_its_distribution(site):
     write_distribution(site, "p24plug-mod-dist", "2.5", [MOD], {})  # no entry point
     assert METHODS.provenance(METHODS.get(f"{MOD}:TinyFT")) == {

@@ -20,8 +20,9 @@ def method_name(obj: Any) -> str:
     from benchmarks.methods.contract import Method
 
     if not (isinstance(obj, type) and issubclass(obj, Method)):
-        raise TypeError(f"{object_path(obj)} is a {type(obj).__name__}, not a subclass of "
-                        f"benchmarks.methods.contract.Method")
+        what = (f"class {object_path(obj)}" if isinstance(obj, type)
+                else f"an object of type {type(obj).__name__}")
+        raise TypeError(f"{what} is not a subclass of benchmarks.methods.contract.Method")
     if inspect.isabstract(obj):
         raise TypeError(f"{object_path(obj)} does not implement "
                         f"{', '.join(sorted(obj.__abstractmethods__))} (abstract in Method)")

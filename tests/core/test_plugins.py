@@ -103,8 +103,9 @@ def test_a_builtin_given_by_its_module_path_is_the_builtin(site):
 @pytest.mark.parametrize("attr, says", [
     ("Clash", f"method '{MOD}:Clash' ({MOD}:Clash) is named 'nws' like the built-in method nws "
               "(benchmarks.methods.nws_method:NWSMethod)"),
-    ("NOT_A_METHOD", "is a int, not a subclass of benchmarks.methods.contract.Method"),
-    ("Plain", "is a type, not a subclass"),
+    ("NOT_A_METHOD", "an object of type int is not a subclass of "
+                     "benchmarks.methods.contract.Method"),
+    ("Plain", f"class {MOD}:Plain is not a subclass of benchmarks.methods.contract.Method"),
     ("Nameless", "has no usable `name` (got None)"),
     ("Abstract", "does not implement load_task, memory_formula, model_for_task, save_task"),
     ("Nope", f"module {MOD} has no attribute 'Nope'"),

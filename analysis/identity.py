@@ -81,7 +81,8 @@ VARIANTS: dict[str, Variant] = {
 
 
 def method_class(method: str) -> tuple[type | None, str]:
-    """(class, "") or (None, why it cannot be imported): a teammate's file may be missing."""
+    """(class, "") or (None, why it cannot be imported): a teammate's file may be missing.
+    ``method``: a registry name or a plugin's spec (``pkg.mod:Class``, :attr:`Member.spec`)."""
     try:
         return METHODS.get(method), ""
     except Exception as err:  # a missing or broken module must not stop the analysis
@@ -106,6 +107,7 @@ class Member:
     comparable: bool = True  # differs from the defaults in the number of tasks at most
     duplicates: list[Path] = field(default_factory=list)  # folders left out for this one
     duplicate_note: str = ""
+    spec: str = ""  # what finds its class (config.json's run_config.method); "": ``method``
 
 
 @functools.cache
@@ -143,7 +145,7 @@ def _declared(m: Member) -> dict[str, Any]:
 def _differences(m: Member, flat: dict[str, Any], varying: set[str],
                  default_pretrained: dict[str, Any]) -> dict[str, Any]:
     """The flattened identity keys of ``m`` shown in its label, with their values."""
-    options = _default_options(m.method, m.benchmark)
+    options = _default_options(m.spec or m.method, m.benchmark)
     protocol = _default_protocol(m.protocol, m.benchmark)
     out = {}
     for key, value in flat.items():
@@ -166,7 +168,7 @@ def _differences(m: Member, flat: dict[str, Any], varying: set[str],
         elif key in POLICY_DEFAULTS:
             shown = value != POLICY_DEFAULTS[key](str(m.identity.get("device_type", "")))
         elif key == "rule_version":  # a run of an earlier rule of its method (fill_defaults)
-            cls, _ = method_class(m.method)
+            cls, _ = method_class(m.spec or m.method)
             shown = cls is not None and value != cls.rule_version
         else:
             shown = key in varying
@@ -207,7 +209,7 @@ def current_identity(member: Member) -> dict[str, Any]:
     has that key's default, so it groups with today's runs of the same settings."""
     if not member.identity:
         return member.identity
-    defaults = _default_options(member.method, member.benchmark) or {}
+    defaults = _default_options(member.spec or member.method, member.benchmark) or {}
     return fill_defaults(member.identity, defaults)
 
 

@@ -103,6 +103,13 @@ class Run:
         return self.registered or registered_of(self.method)
 
     @property
+    def method_spec(self) -> str:
+        """What finds the method's class: the spec the run was given (config.json's
+        ``run_config.method``: a name, or a plugin's ``pkg.mod:Class``), else its name."""
+        spec = ((self.config or {}).get("run_config") or {}).get("method")
+        return spec if isinstance(spec, str) and spec else self.registered_method
+
+    @property
     def benchmark(self) -> str:
         return str(self._first("benchmark"))
 
@@ -204,7 +211,7 @@ def label_runs(runs: list[Run]) -> list[Run]:
     """Set each run's label (its rows' ``method``) and group; drop duplicates (module doc)."""
     members = [Member(r.dir, r.registered_method, r.benchmark, r.arch, r.protocol, r.seed,
                       r.identity, (r.config or {}).get("run_config") or {},
-                      (r.learned_tasks, len(r.rows))) for r in runs]
+                      (r.learned_tasks, len(r.rows)), spec=r.method_spec) for r in runs]
     assign_labels(members)
     kept, _ = dedupe(members)
     by_dir = {r.dir: r for r in runs}
@@ -224,7 +231,8 @@ def select(runs: list[Run], **want: Any) -> list[Run]:
 
 @functools.cache
 def method_hook(method: str, hook: str) -> Callable[..., Any] | int | None:
-    """The method's declared analysis hook ``hook`` (:data:`ANALYSIS_HOOKS`), or None when
+    """The declared analysis hook ``hook`` (:data:`ANALYSIS_HOOKS`) of the method ``method``
+    (a name or a plugin's spec: :attr:`Run.method_spec`; cached per spec), or None when
     the class cannot be imported or does not declare it. Raises ``KeyError`` for a name the
     contract does not declare (a typo here would silently drop runs)."""
     if hook not in ANALYSIS_HOOKS:
@@ -240,7 +248,7 @@ def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:
     the method's own error, e.g. :class:`benchmarks.methods.nws_method.BrokenChainError`) is logged
     as a warning naming the run and the error and counts as no store ({}): the analyses
     that need the streams leave the run out, the rest of the analysis goes on."""
-    fn = method_hook(run.registered_method, hook)
+    fn = method_hook(run.method_spec, hook)
     store = run.store() if callable(fn) else None
     if store is None:
         return {}
@@ -252,7 +260,7 @@ def task_streams(run: Run, hook: str) -> dict[int, dict[str, np.ndarray]]:
 
 
 def pool_size(run: Run) -> int:
-    hook = method_hook(run.registered_method, "pool_size")
+    hook = method_hook(run.method_spec, "pool_size")
     store = run.store()
     if callable(hook) and store is not None:
         return int(hook(store))

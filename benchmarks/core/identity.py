@@ -119,10 +119,12 @@ def id_options(method: str, benchmark: str, options: dict[str, Any],
 def run_id(cfg: Any, identity: dict[str, Any], option_defaults: dict[str, Any]) -> str:
     """``<benchmark>-<method>-<arch>-<protocol>-s<seed>-<hash>``; the hash covers the
     options (:func:`id_options`), the pretrained source, the task count, the data options
-    and the ``--set`` overrides."""
-    base = f"{cfg.benchmark}-{cfg.method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}"
+    and the ``--set`` overrides. ``<method>`` is the method class's name (the identity's
+    ``method``; a plugin's spec ``pkg.mod:Class`` never names a folder)."""
+    method = identity.get("method", cfg.method)
+    base = f"{cfg.benchmark}-{method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}"
     variant = {k: identity[k] for k in ("pretrained", "num_tasks", "benchmark_options")}
-    variant["options"] = id_options(cfg.method, cfg.benchmark, identity["options"],
+    variant["options"] = id_options(method, cfg.benchmark, identity["options"],
                                     option_defaults)
     variant["protocol_overrides"] = cfg.protocol_overrides
     digest = hashlib.sha256(json.dumps(variant, sort_keys=True, default=str).encode()).hexdigest()
@@ -131,8 +133,9 @@ def run_id(cfg: Any, identity: dict[str, Any], option_defaults: dict[str, Any]) 
 
 # -- resuming ----------------------------------------------------------------------------
 # Identity keys added after runs were first written, and what an old config.json without
-# one means: rule version 1 (the methods' rules then), and no recorded inputs (not checked).
-ADDED_KEYS: dict[str, Any] = {"rule_version": 1, "inputs": None}
+# one means: rule version 1 (the methods' rules then), no recorded inputs (not checked), and
+# a built-in method (a plugin's identity has "plugin": class path, distribution, version).
+ADDED_KEYS: dict[str, Any] = {"rule_version": 1, "inputs": None, "plugin": None}
 
 
 def protocol_defaults() -> dict[str, Any]:
@@ -162,7 +165,7 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
     identity, old keys filled in by :func:`fill_defaults`) is the run ``identity``
     describes. Says what differs and what to do: another rule version, a changed input
     file, another device type or search path, another configuration."""
-    identity = _plain(identity)
+    identity = {"plugin": ADDED_KEYS["plugin"]} | _plain(identity)  # a built-in has none
     previous = fill_defaults(previous, option_defaults or {})
     for key in sorted(set(previous) | set(identity)):
         flag, was, now = _resume_flag(key), previous.get(key), identity.get(key)
@@ -179,6 +182,7 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
             f"its defaults behave differently now (docs/reproducibility.md, Run identity), so "
             f"that run cannot be continued. Move that folder out of --out (to keep it) or "
             f"delete it, then run again; or finish it with the commit in its env.json")
+    _check_plugin(folder, method, previous.get("plugin"), identity.get("plugin"))
     _check_inputs(folder, previous.get("inputs"), identity.get("inputs"))
     if previous.get("inputs") is None:  # not recorded then: taken as they are now
         previous["inputs"] = identity.get("inputs")
@@ -189,6 +193,21 @@ def check_resumable(folder: Path, previous: dict[str, Any], identity: dict[str, 
         raise RunConflictError(
             f"{folder} holds a run with another configuration (differs in: {detail}); "
             f"choose another --out, or delete that folder to start over")
+
+
+def _check_plugin(folder: Path, method: Any, was: dict[str, Any] | None,
+                  now: dict[str, Any] | None) -> None:
+    """Refuse a resume under another plugin class or version, saying what changed."""
+    if was == now:
+        return
+    changed = ", ".join(f"its {k} {(was or {}).get(k)!r} -> {(now or {}).get(k)!r}"
+                        for k in ("class", "distribution", "version")
+                        if (was or {}).get(k) != (now or {}).get(k))
+    raise RunConflictError(
+        f"{folder} was run by another {method} than this command's ({changed or 'built-in'}): "
+        f"another plugin class or version may compute something else, so that run cannot be "
+        f"continued. Install the plugin it ran with to resume it (docs/architecture.md, "
+        f"Plugins); or move that folder out of --out (to keep it) or delete it, then run again")
 
 
 def _check_inputs(folder: Path, was: dict[str, Any] | None, now: dict[str, Any] | None

@@ -10,7 +10,16 @@ from benchmarks.core.checks import Check
 from benchmarks.core.registry import Registry
 from benchmarks.data.base import Benchmark, DataUnavailableError, Task, default_data_root
 
-BENCHMARKS: Registry = Registry("benchmark")
+
+def _check_builder(obj: object) -> None:
+    """A plugin benchmark is a builder ``(root, **options) -> Benchmark`` (TypeError else)."""
+    if not callable(obj):
+        raise TypeError(f"{type(obj).__name__} is not callable: a benchmark is a builder "
+                        f"(root, **options) -> benchmarks.data.base.Benchmark")
+
+
+BENCHMARKS: Registry = Registry("benchmark", group="nws_bench.benchmarks",
+                                validate=_check_builder)
 BENCHMARKS.register(
     "split_digits", "benchmarks.data.split_digits:build",
     "scikit-learn's bundled digits, 5 two-class tasks at 32x32x3 (offline; the default)",

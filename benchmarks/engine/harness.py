@@ -114,14 +114,16 @@ def run_identity(cfg: RunConfig, protocol: Protocol, options: dict[str, Any],
     proto = protocol.as_dict()
     proto.pop("provenance")
     settings = method_cls.settings(cfg.benchmark)
+    plugin = METHODS.provenance(method_cls)  # None for a built-in: its identity unchanged
     return {
-        "method": cfg.method, "benchmark": cfg.benchmark, "arch": cfg.arch, "seed": cfg.seed,
+        "method": method_cls.name, "benchmark": cfg.benchmark, "arch": cfg.arch,
+        "seed": cfg.seed,
         "protocol": proto, "options": options, "pretrained": pretrained,
         "num_tasks": cfg.num_tasks, "benchmark_options": data_identity(cfg.benchmark_options),
         "deterministic": cfg.deterministic, "device_type": device.type,
         "rule_version": method_cls.rule_version,
         "inputs": input_digests(pretrained, settings, options),
-    }
+    } | ({} if plugin is None else {"plugin": plugin})
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Prepared:
 
     @property
     def tag(self) -> str:
-        return f"[{self.cfg.method} s{self.cfg.seed}]"
+        return f"[{type(self.method).name} s{self.cfg.seed}]"
 
 
 def prepare(cfg: RunConfig, bench: Benchmark | None = None) -> Prepared:
@@ -274,7 +276,7 @@ def _start_folder(r: Prepared) -> Path:
 
 def _base_row(r: Prepared) -> dict[str, Any]:
     cfg = r.cfg
-    return {"run_id": r.rid, "benchmark": cfg.benchmark, "method": cfg.method,
+    return {"run_id": r.rid, "benchmark": cfg.benchmark, "method": type(r.method).name,
             "arch": cfg.arch, "protocol": cfg.protocol, "seed": cfg.seed,
             "synthetic": r.bench.synthetic}
 

@@ -3,6 +3,7 @@
     python -m benchmarks.run --method all                       # offline mini benchmark
     python -m benchmarks.run --method nws,finetune --benchmark split_cifar100 \\
         --protocol paper --seeds 1993 1994 1995 --data-root ~/data
+    python -m benchmarks.run --method nws,mypkg.methods:MyMethod   # a plugin beside NWS
     python -m benchmarks.run --list
     python -m benchmarks.run --method all --seeds 1993 1994 --launcher local --jobs 2 --dry-run
 
@@ -52,7 +53,7 @@ def list_registries() -> str:
     from benchmarks.core.protocols import RULES, resolve_protocol
 
     parts = [METHODS.describe(), BENCHMARKS.describe(), ARCHS.describe(), PROTOCOLS.describe()]
-    for name in METHODS.names():
+    for name in [*METHODS.names(), *METHODS.plugins()]:  # broken plugins: in describe()
         try:
             settings = METHODS.get(name).settings("default")
         except ImportError as err:

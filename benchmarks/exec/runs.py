@@ -77,15 +77,6 @@ def summarise(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def planned_methods(spec: str) -> list[str]:
-    """``--method``'s list: ``all`` is every registered method; "nws, finetune" is read as
-    "nws,finetune"; a name given twice is one run (two jobs of one run would only meet at
-    its lock)."""
-    if spec.strip() == "all":
-        return METHODS.names()
-    return list(dict.fromkeys(name.strip() for name in spec.split(",")))
-
-
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     """The plan: one :class:`RunConfig` per (seed, method), names checked against the
     registries (raises :class:`UnknownNameError`), ``--bench-opt`` and ``--opt`` keys against
@@ -94,9 +85,10 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     for registry, name in ((BENCHMARKS, args.benchmark), (ARCHS, args.arch),
                            (PROTOCOLS, args.protocol)):
         registry.get(name)
-    methods = planned_methods(args.method)
-    for name in methods:
-        METHODS.get(name)
+    # "nws, finetune" is read as "nws,finetune"; names and specs (pkg.mod:Class) resolved
+    # (PluginError, a ValueError, for a bad spec); a method or seed given twice is one run
+    # (two jobs of one run would only meet at its lock)
+    methods = METHODS.split(args.method)
     from benchmarks.core.protocols import resolve_protocol
 
     for flag in ("out", "checkpoint_dir", "kernels_dir"):

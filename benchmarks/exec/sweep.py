@@ -85,11 +85,16 @@ class Job:
 
 
 def job_for(cfg: RunConfig) -> Job:
+    """The job of ``cfg``: named (key, log file, status line) by the method's ``name``, as
+    its run folder is; its configuration keeps the spec it was given (``pkg.mod:Class``)."""
+    from benchmarks.methods.table import METHODS
+
     match = _json({k: asdict(cfg)[k] for k in MATCH_FIELDS})
     digest = hashlib.sha256(json.dumps(match, sort_keys=True).encode()).hexdigest()[:8]
-    key = f"{cfg.benchmark}-{cfg.method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}"
+    name = METHODS.get(cfg.method).name
+    key = f"{cfg.benchmark}-{name}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}"
     # a job's output is a log: no bars
-    return Job(key, cfg.method, cfg.seed, match, replace(cfg, progress=False).to_dict())
+    return Job(key, name, cfg.seed, match, replace(cfg, progress=False).to_dict())
 
 
 def plan(configs: list[RunConfig]) -> list[Job]:

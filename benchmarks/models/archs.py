@@ -58,7 +58,14 @@ class ArchSpec:
     adapt_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
-ARCHS: Registry[ArchSpec] = Registry("architecture")
+def _check_arch(obj: object) -> None:
+    """A plugin architecture is an :class:`ArchSpec` (TypeError otherwise)."""
+    if not isinstance(obj, ArchSpec):
+        raise TypeError(f"{type(obj).__name__} is not a benchmarks.models.archs.ArchSpec")
+
+
+ARCHS: Registry[ArchSpec] = Registry("architecture", group="nws_bench.archs",
+                                     validate=_check_arch)
 
 
 def _resnet_no_maxpool(builder: Callable[..., nn.Module]) -> Callable[[int], nn.Module]:

@@ -119,6 +119,7 @@ def test_backbone_is_bit_identical_after_a_task_and_the_store_rebuilds_it(tmp_pa
         method.save_task(info, model, tx)
     stored = store.get_tensors("backbone")
     assert all(torch.equal(stored[k], before[k]) for k in stored)  # the pretrained backbone
+    assert store.breakdown() == LinearProbe.memory_formula("resnet18", [2], method.opt)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():  # state only through the store: the rebuilt task's logits
         assert torch.equal(method.load_task(info, store)(x), model(x))

@@ -87,6 +87,8 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 class LinearProbe(Method):
+    """Per task a new head and BatchNorm over a frozen pretrained backbone (a lower bound)."""
+
     name = "linear-probe"
     SETTINGS: ClassVar[dict[str, dict[str, S]]] = {"default": {
         "bn": S("task", "Mudrakarta et al., K for the Price of 1 (ICLR 2019): a per-task "

@@ -90,6 +90,18 @@ def test_unknown_bn_rule_is_refused_naming_the_valid_ones():
     assert all(s.source for s in LinearProbe.settings("split_digits").values())
 
 
+def test_frozen_bn_refuses_other_batchnorm_kinds():
+    from timm.layers import BatchNormAct2d
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    probe.check_freezable(plain, "plain")  # nothing to refuse
+    for odd, kind in ((BatchNormAct2d(8), "BatchNormAct2d"), (nn.BatchNorm1d(8), "BatchNorm1d")):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), odd)
+        with pytest.raises(ValueError, match=rf"--arch odd has 1 other .*2 \({kind}\).*bn=task"):
+            probe.check_freezable(model, "odd")
+        assert isinstance(probe.freeze_batchnorm(model)[2], type(odd))  # left as it was
+
+
 @pytest.mark.parametrize("bn", ["task", "frozen"])
 def test_backbone_is_bit_identical_after_a_task_and_the_store_rebuilds_it(tmp_path, bn):
     method = _probe(bn)

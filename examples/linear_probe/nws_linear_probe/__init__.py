@@ -50,7 +50,7 @@ from benchmarks.methods.common import (
     stored_backbone,
     task_state,
 )
-from benchmarks.methods.contract import Breakdown, Method, TaskInfo
+from benchmarks.methods.contract import Breakdown, Method, MethodContext, TaskInfo
 from benchmarks.models import archs
 
 __all__ = ["LinearProbe"]
@@ -60,12 +60,25 @@ LWF = ("Li & Hoiem, Learning without Forgetting (ECCV 2016), the 'feature extrac
 BN_RULES = OneOf(("task", "frozen"), "per-task BatchNorm, or the pretrained one frozen")
 
 
+def check_freezable(model: nn.Module, arch: str) -> None:
+    """``bn=frozen`` replaces plain ``nn.BatchNorm2d`` layers only: another BatchNorm kind
+    (``BatchNorm1d``, timm's ``BatchNormAct2d``, which also applies an activation) would
+    either keep training or lose its extra part. ``ValueError`` (CLI exit 2) naming them."""
+    odd = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) is not nn.BatchNorm2d]
+    if odd:
+        raise ValueError(f"linear-probe --opt bn=frozen freezes plain nn.BatchNorm2d layers "
+                         f"only; --arch {arch} has {len(odd)} other BatchNorm layers: "
+                         f"{', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}. Use "
+                         f"--opt bn=task (or another --arch)")
+
+
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
     """Every ``nn.BatchNorm2d`` becomes a ``FrozenBatchNorm2d`` holding its current tensors
     (same state-dict keys, no batch counter): it normalises with the running statistics in
     training too."""
     for name, bn in list(model.named_modules()):
-        if isinstance(bn, nn.BatchNorm2d):
+        if type(bn) is nn.BatchNorm2d:
             frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
             with torch.no_grad():
                 for key in ("weight", "bias", "running_mean", "running_var"):
@@ -94,6 +107,11 @@ class LinearProbe(Method):
         "bn": S("task", "Mudrakarta et al., K for the Price of 1 (ICLR 2019): a per-task "
                         "BatchNorm scale-and-bias patch; 'frozen': " + LWF, BN_RULES),
     }}
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        if self.opt["bn"] == "frozen":  # before any run folder (the harness makes it after)
+            check_freezable(shape_model(ctx.arch), ctx.arch)
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         return freeze_batchnorm(model) if self.opt["bn"] == "frozen" else model

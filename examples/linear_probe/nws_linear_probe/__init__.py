@@ -67,10 +67,10 @@ def check_freezable(model: nn.Module, arch: str) -> None:
     odd = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) is not nn.BatchNorm2d]
     if odd:
+        more = f" and {len(odd) - 4} more" if len(odd) > 4 else ""
         raise ValueError(f"linear-probe --opt bn=frozen freezes plain nn.BatchNorm2d layers "
                          f"only; --arch {arch} has {len(odd)} other BatchNorm layers: "
-                         f"{', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}. Use "
-                         f"--opt bn=task (or another --arch)")
+                         f"{', '.join(odd[:4])}{more}. Use --opt bn=task (or another --arch)")
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:

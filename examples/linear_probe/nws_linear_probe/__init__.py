@@ -20,7 +20,9 @@ Option ``bn`` (``--opt bn=...``):
 - ``frozen``: the pretrained BatchNorm layers are frozen too (torchvision's
   ``FrozenBatchNorm2d``: the running statistics normalise, also while training), as in LwF's
   feature extraction and FACIL's ``freezing`` (``self.model.model.eval()``): only the head
-  is trained and stored per task; BN's tensors join the shared backbone.
+  is trained and stored per task; BN's tensors join the shared backbone. Plain
+  ``nn.BatchNorm2d`` only: an architecture with other BatchNorm kinds (timm's
+  ``BatchNormAct2d``) is refused before any run folder.
 
 Stored: the frozen backbone once (``backbone``, shared: every float32 tensor of the model's
 inference state but the per-task ones), and per task ``state``: the head and, with

@@ -183,8 +183,10 @@ def test_a_job_carries_the_spec(site, tmp_path):
     args = cli.parser().parse_args(["--method", f"finetune,{MOD}:TinyFT", *TINY, "--out",
                                     str(tmp_path), "--launcher", "slurm"])
     jobs = plan_jobs(args)
-    assert [j.argv[:2] for j in jobs] == [("--method", "finetune"),
-                                          ("--method", f"{MOD}:TinyFT")]
+    assert [j.config["method"] for j in jobs] == ["finetune", f"{MOD}:TinyFT"]
+    assert [j.argv()[:2] for j in jobs] == [["--method", "finetune"],
+                                            ["--method", f"{MOD}:TinyFT"]]
+    assert [j.method for j in jobs] == ["finetune", "tiny-ft"]  # named as its run folder
 
 
 def test_an_installed_module_path_plugin_names_its_distribution(site):

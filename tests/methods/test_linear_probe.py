@@ -18,7 +18,7 @@ from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.harness import RunConfig, run
-from benchmarks.engine.training import fit
+from benchmarks.engine.training import PhaseSpec, fit
 from benchmarks.exec import run as cli
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.methods.table import METHODS
@@ -119,7 +119,7 @@ def test_backbone_is_bit_identical_after_a_task_and_the_store_rebuilds_it(tmp_pa
     assert trainable == head | (bn_params if bn == "task" else set())
     task = BENCHMARKS.get("synthetic")(None, size=16).tasks[0]
     fit(model, method, method.ctx.protocol.with_overrides(lr=0.5), task.train,
-        device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False)
+        PhaseSpec(device=torch.device("cpu"), seed=0, task=0, phase="train", progress=False))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     changed -= {k for k in changed if k.endswith("num_batches_tracked")}

@@ -7,7 +7,7 @@ only when looked up, so importing a registry has no side effects and no heavy im
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +34,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._prefixes: dict[str, tuple[Callable[[str], Any], str]] = {}
 
     def register(self, name: str, target: Any, help: str = "") -> None:
         if name in self._entries:
@@ -49,10 +50,21 @@ class Registry(Generic[T]):
 
         return deco
 
+    def add_prefix(self, prefix: str, factory: Callable[[str], T], help: str) -> None:
+        """Names ``prefix:rest`` are ``factory(rest)`` (``timm:resnet10t``: the factory gets
+        ``resnet10t``), tried before the entries."""
+        if prefix in self._prefixes:
+            raise ValueError(f"{self.kind} prefix {prefix!r} is declared twice")
+        self._prefixes[prefix] = (factory, help)
+
     def get(self, name: str) -> T:
+        prefix, colon, rest = name.partition(":")
+        if colon and prefix in self._prefixes:
+            return self._prefixes[prefix][0](rest)
         if name not in self._entries:
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}"
+                + "".join(f"; or {p}:NAME" for p in self._prefixes)
             )
         target = self._entries[name].target
         if isinstance(target, str):
@@ -70,7 +82,8 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def describe(self) -> str:
-        width = max((len(n) for n in self._entries), default=0)
-        lines = [f"{self.kind}s:"]
-        lines += [f"  {e.name:<{width}}  {e.help}" for e in self._entries.values()]
+        rows = [(e.name, e.help) for e in self._entries.values()]
+        rows += [(f"{p}:NAME", help) for p, (_, help) in self._prefixes.items()]
+        width = max((len(n) for n, _ in rows), default=0)
+        lines = [f"{self.kind}s:"] + [f"  {n:<{width}}  {h}" for n, h in rows]
         return "\n".join(lines)

@@ -42,7 +42,14 @@ from benchmarks.core.device_policy import DevicePolicy
 from benchmarks.core.protocols import S
 from benchmarks.core.seeding import generator
 from benchmarks.core.store import ArtifactStore, StoreIntegrityError, Transaction
-from benchmarks.methods.common import FLOAT32, bn_bytes, bn_state, load_inference_state
+from benchmarks.methods.common import (
+    FLOAT32,
+    bn_bytes,
+    bn_state,
+    check_arch_stored,
+    is_bn,
+    load_inference_state,
+)
 from benchmarks.methods.contract import Breakdown, Fit, Method, TaskInfo
 from benchmarks.models import archs
 from nws import codec
@@ -70,6 +77,11 @@ def keyframe_interval(value: Any) -> int | None:
         raise ValueError(f"option keyframe_every={value!r}: give a whole number >= 1 (a key "
                          "frame every k tasks) or none (only task 0)")
     return value
+
+
+def _keeps(module: nn.Module) -> bool:
+    """What NWS keeps besides the head: BN, and the convs it converts (nws.nwsify)."""
+    return is_bn(module) or nws.convert.is_plain_conv(module)
 
 
 def _plain_model(arch: str, num_classes: int) -> nn.Module:
@@ -151,6 +163,8 @@ class NWSMethod(Method):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
+        check_arch_stored(self.name, ctx.arch, _keeps, "BatchNorm and plain nn.Conv2d layers "
+                          "(weights as indices, biases) and the head")
         if self.opt["codec"] not in codec.TASK_CODECS:
             raise ValueError(f"option codec={self.opt['codec']!r}: valid {codec.TASK_CODECS}")
         self.keyframe_every = keyframe_interval(self.opt.get("keyframe_every"))

@@ -146,12 +146,17 @@ def check_arch_stored(method: str, arch: str, keeps: Callable[[nn.Module], bool]
     modules = dict(model.named_modules())
     lost = [k for k in model.state_dict() if k.rpartition(".")[0] not in kept]
     if lost:
-        shown = [f"{k} ({type(modules[k.rpartition('.')[0]]).__name__})" for k in lost[:6]]
+        shown = [f"{k} ({_kind(modules[k.rpartition('.')[0]])})" for k in lost[:6]]
         raise ValueError(
             f"method {method} cannot run on --arch {arch}: it keeps only {what}, and "
             f"{len(lost)} tensors of {arch} lie elsewhere (they would be trained but not "
             f"stored): {', '.join(shown)}{' ...' if len(lost) > 6 else ''}. Use another "
             f"--arch, or --method finetune (it stores whole models)")
+
+
+def _kind(module: nn.Module) -> str:
+    with_bias = isinstance(module, nn.Conv2d) and module.bias is not None
+    return type(module).__name__ + (" with bias" if with_bias else "")
 
 
 def shape_model(arch: str, num_classes: int = archs.IMAGENET_CLASSES) -> nn.Module:

@@ -180,10 +180,17 @@ ARCHS.register(
 )
 
 
+@functools.cache  # looked up on every head access
 def _timm_arch(name: str) -> ArchSpec:
-    from benchmarks.models.timm_archs import timm_arch  # imports timm on first use only
+    """``timm:name`` (:mod:`benchmarks.models.timm_archs`, imported with timm on first use).
+    Raises UnknownNameError (unknown model or tag), ValueError (classifier not a Linear)."""
+    from benchmarks.models import timm_archs
 
-    return timm_arch(name)
+    timm_archs.check_name(name)
+    return ArchSpec(f"timm:{name}", functools.partial(timm_archs.create, name),
+                    timm_archs.head_path(name, IMAGENET_CLASSES), None,
+                    imagenet=functools.partial(timm_archs.imagenet_state_dict, name,
+                                               IMAGENET_CLASSES))
 
 
 ARCHS.add_prefix("timm", _timm_arch, "any timm model, e.g. timm:resnet10t (timm.create_model; "

@@ -1,19 +1,23 @@
 """Any timm model as an architecture: ``--arch timm:NAME`` (docs/data-and-weights.md).
 
-:func:`timm_arch` makes the :class:`~benchmarks.models.archs.ArchSpec` of a timm model:
+The parts of the :class:`~benchmarks.models.archs.ArchSpec` of ``timm:NAME``, which
+``benchmarks.models.archs`` assembles (importing this module, and timm, on the first
+``timm:`` lookup):
 
-- **build**: ``timm.create_model(NAME, num_classes=C)``, randomly initialised as timm does;
-  ``NAME`` may carry a pretrained tag (``resnet10t.c3_in1k``), which picks the weights;
-- **head**: the module ``model.get_classifier()`` returns (timm's own API), as a dotted path
-  found by identity among the model's modules (``fc``, ``classifier``, ``head.fc``), so
-  :func:`~benchmarks.models.archs.get_head` / ``set_head`` / ``new_head`` and everything that
-  keys state by the head's path work unchanged. A classifier that is not one ``nn.Linear``
-  (a 1x1 conv, a distilled pair, none) is refused: the methods give each task a Linear head;
+- **build** (:func:`create`): ``timm.create_model(NAME, num_classes=C)``, randomly
+  initialised as timm does; ``NAME`` may carry a pretrained tag (``resnet10t.c3_in1k``),
+  which picks the weights;
+- **head** (:func:`head_path`): the module ``model.get_classifier()`` returns (timm's own
+  API), as a dotted path found by identity among the model's modules (``fc``,
+  ``classifier``, ``head.fc``), so :func:`~benchmarks.models.archs.get_head` / ``set_head``
+  / ``new_head`` and everything that keys state by the head's path work unchanged. A
+  classifier that is not one ``nn.Linear`` (a 1x1 conv, a distilled pair, none) is refused:
+  the methods give each task a Linear head;
 - **ImageNet weights** (:func:`imagenet_state_dict`): timm's pretrained mechanism
   (``pretrained=True``: the Hugging Face hub, or the URL of the model's pretrained_cfg).
   Weights already in the Hugging Face cache load without the network; otherwise, when the
   hub cannot be reached, :class:`WeightsUnavailableError` (CLI exit 2) says at once how to
-  supply them, instead of timm's retries (about 47 s here) and a traceback.
+  supply them, instead of timm's retries (47 s on the dev machine, offline) and a traceback.
 
 Errors: an unknown model or pretrained tag raises :class:`UnknownNameError` naming it and how
 to list timm's models; an unusable classifier raises ``ValueError`` (both CLI exit 2).
@@ -22,7 +26,6 @@ to list timm's models; an unusable classifier raises ``ValueError`` (both CLI ex
 from __future__ import annotations
 
 import difflib
-import functools
 import os
 import socket
 from typing import Any
@@ -32,26 +35,14 @@ import torch
 from torch import nn
 
 from benchmarks.core.registry import UnknownNameError
-from benchmarks.models.archs import IMAGENET_CLASSES, ArchSpec
 from benchmarks.models.weights_io import WeightsUnavailableError
 
-PREFIX = "timm"
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm fetches from a hub repo
 PROBE_TIMEOUT_S = 5.0
 
 
-@functools.cache
-def timm_arch(name: str) -> ArchSpec:
-    """The architecture ``timm:name`` (cached: looked up on every head access).
-
-    Raises :class:`UnknownNameError` (unknown model or tag), ``ValueError`` (classifier not a
-    Linear)."""
-    _check_name(name)
-    return ArchSpec(f"{PREFIX}:{name}", functools.partial(_create, name), _head_path(name),
-                    None, imagenet=functools.partial(imagenet_state_dict, name))
-
-
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raises :class:`UnknownNameError` unless timm knows model ``name`` (and its tag)."""
     import timm
 
     arch, _, tag = name.partition(".")
@@ -72,16 +63,18 @@ def _check_name(name: str) -> None:
         + f". List them with: python -c \"import timm; print(timm.list_models('*{arch[:6]}*'))\"")
 
 
-def _create(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def create(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, num_classes=num_classes, **kwargs)``."""
     import timm
 
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
-def _head_path(name: str) -> str:
-    """The dotted path of ``model.get_classifier()``, on a shapes-only model."""
+def head_path(name: str, num_classes: int) -> str:
+    """The dotted path of ``model.get_classifier()``, on a shapes-only model; ``ValueError``
+    when that is not one ``nn.Linear`` of the model."""
     with torch.device("meta"):
-        model = _create(name, IMAGENET_CLASSES)
+        model = create(name, num_classes)
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     path = next((n for n, m in model.named_modules() if n and m is head), None)
     if not isinstance(head, nn.Linear) or path is None:
@@ -95,7 +88,7 @@ def _head_path(name: str) -> str:
 def pretrained_cfg(name: str) -> dict[str, Any]:
     """timm's pretrained configuration of ``name`` (hub id, URL, classifier, input size)."""
     with torch.device("meta"):
-        return dict(_create(name, IMAGENET_CLASSES).pretrained_cfg)
+        return dict(create(name, 2).pretrained_cfg)
 
 
 def cached_hub_file(cfg: dict[str, Any]) -> str | None:
@@ -126,8 +119,9 @@ def _reachable(url: str) -> str | None:
     return None
 
 
-def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """timm's pretrained weights of ``name`` with the 1000-class head, in the model's own
+def imagenet_state_dict(name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of ``name`` with a ``num_classes`` head (ImageNet's 1000:
+    the pretrained one; another count: timm leaves it random), in the model's own
     layout (timm adapts its checkpoints while loading). Raises
     :class:`WeightsUnavailableError` (no weights in timm, offline, download failed)."""
     import timm
@@ -147,7 +141,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     elif cfg.get("hf_hub_id") and (why := _reachable(constants.ENDPOINT)) is not None:
         raise _unavailable(name, where, why)
     try:
-        model = _create(name, IMAGENET_CLASSES, pretrained=True, pretrained_cfg_overlay=overlay)
+        model = create(name, num_classes, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as err:  # offline, proxy, broken cache, bad file: all end the same way
         raise _unavailable(name, where, f"{type(err).__name__}: {err}") from err
     return {k: v.detach() for k, v in model.state_dict().items()}

@@ -84,6 +84,26 @@ def _keeps(module: nn.Module) -> bool:
     return is_bn(module) or nws.convert.is_plain_conv(module)
 
 
+def _check_group_size(arch: str, group_size: int, classes: list[int]) -> None:
+    """``ValueError`` before any work when ``group_size`` does not divide the kernel count of
+    every converted layer (each task's head included); the suite's own archs always pass,
+    some timm models do not."""
+    if group_size == 1:
+        return
+    with torch.device("meta"):
+        model = archs.build(arch, classes[0])
+    head = archs.ARCHS.get(arch).head
+    counts = {n: m.weight.numel() // nws.convert.group_dim(m) for n, m in
+              nws.convertible_layers(model, LINEAR).items() if n != head}
+    counts |= {f"{head} ({c} classes)": archs.get_head(model, arch).in_features * c
+               for c in classes}
+    bad = [f"{n} ({k})" for n, k in counts.items() if k % group_size]
+    if bad:
+        raise ValueError(f"option group_size={group_size} does not divide the kernel count of "
+                         f"{len(bad)} layers of {arch}: {', '.join(bad[:5])}; use a group size "
+                         "that divides them (1 always does)")
+
+
 def _plain_model(arch: str, num_classes: int) -> nn.Module:
     """The architecture with a bias-free head: the head is a 1x1 NWS convolution."""
     model = archs.build(arch, num_classes)
@@ -165,6 +185,8 @@ class NWSMethod(Method):
         super().__init__(ctx)
         check_arch_stored(self.name, ctx.arch, _keeps, "BatchNorm and plain nn.Conv2d layers "
                           "(weights as indices, biases) and the head")
+        _check_group_size(ctx.arch, int(self.opt["group_size"]),
+                          sorted({t.num_classes for t in ctx.tasks}))
         if self.opt["codec"] not in codec.TASK_CODECS:
             raise ValueError(f"option codec={self.opt['codec']!r}: valid {codec.TASK_CODECS}")
         self.keyframe_every = keyframe_interval(self.opt.get("keyframe_every"))

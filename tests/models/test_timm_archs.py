@@ -112,6 +112,17 @@ def test_nws_refuses_a_timm_model_with_layer_norm(tmp_path, capsys):
     assert "(LayerNorm2d)" in capsys.readouterr().err
 
 
+def test_nws_group_size_that_does_not_divide_a_layer_is_refused_before_work(tmp_path, capsys):
+    """MobileNetV3-Small 0.5x's depthwise convs have one kernel per channel: 40, 56 and 72
+    channels are not multiples of 16 (blocks.1.0.conv_dw: 40 x 1 kernels)."""
+    assert cli(["--arch", MOBILE, "--method", "nws", "--opt", "group_size=16", *SMOKE,
+                "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "option group_size=16 does not divide" in err
+    assert "blocks.1.0.conv_dw (40)" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_nwsify_refuses_a_conv_that_computes_something_else():
     """timm's Conv2dSame pads per input ('same' as TensorFlow); a plain NWS conv would not."""
     model = nn.Sequential(timm.layers.Conv2dSame(3, 8, 3, stride=2), nn.Flatten(),

@@ -22,6 +22,8 @@ heads per task with :func:`set_head`. All convolutions are bias-free and followe
   Table 3's Finetune-VGG16 (1124.0 MiB / 20 tasks = 56.2 per task) fits this model with a
   task-sized head; torchvision's classifier alone would be ~10x that. The authors' code
   used 256-entry VGG16 pools (paper: 512): run NWS with ``--opt pool_size=256``.
+- ``timm:NAME``: any timm model, unchanged, head found by timm's ``get_classifier()``,
+  ImageNet weights by timm's own mechanism (:mod:`benchmarks.models.timm_archs`).
 """
 
 from __future__ import annotations

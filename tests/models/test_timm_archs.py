@@ -193,3 +193,8 @@ def test_rebuild_without_init_keeps_constant_buffers():
         model = archs.build("timm:resnetblur18", 2)
     filters = [b for n, b in model.named_buffers() if n.endswith(".filt")]
     assert filters and all(torch.isfinite(f).all() and f.sum() > 0 for f in filters)
+
+
+def test_list_shows_the_timm_prefix(capsys):
+    assert cli(["--list"]) == 0
+    assert "timm:NAME" in capsys.readouterr().out

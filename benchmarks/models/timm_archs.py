@@ -30,6 +30,7 @@ import os
 import socket
 from typing import Any
 from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import torch
 from torch import nn
@@ -109,8 +110,12 @@ def cached_hub_file(cfg: dict[str, Any]) -> str | None:
 
 def _reachable(url: str) -> str | None:
     """None when ``url``'s host accepts a connection, else why not (one try, a short
-    timeout): timm's hub download would retry for about a minute before failing."""
+    timeout): timm's hub download would retry for about a minute before failing. Behind a
+    proxy (``$HTTPS_PROXY`` and the like) the host is not probed: the download may still
+    work through it."""
     parsed = urlparse(url)
+    if getproxies().get(parsed.scheme) or getproxies().get("all"):
+        return None
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         socket.create_connection((parsed.hostname or "", port), timeout=PROBE_TIMEOUT_S).close()

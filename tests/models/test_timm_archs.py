@@ -148,6 +148,9 @@ def offline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for var in ("http_proxy", "https_proxy", "all_proxy"):  # a proxy skips the probe
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
     return tmp_path / "hf"
 
 

@@ -49,6 +49,7 @@ from benchmarks.methods.common import (
     check_arch_stored,
     is_bn,
     load_inference_state,
+    shape_model,
 )
 from benchmarks.methods.contract import Breakdown, Fit, Method, TaskInfo
 from benchmarks.models import archs
@@ -90,8 +91,7 @@ def _check_group_size(arch: str, group_size: int, classes: list[int]) -> None:
     some timm models do not."""
     if group_size == 1:
         return
-    with torch.device("meta"):
-        model = archs.build(arch, classes[0])
+    model = shape_model(arch, classes[0])
     head = archs.ARCHS.get(arch).head
     counts = {n: m.weight.numel() // nws.convert.group_dim(m) for n, m in
               nws.convertible_layers(model, LINEAR).items() if n != head}

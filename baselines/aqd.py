@@ -73,8 +73,11 @@ from benchmarks.core.protocols import Protocol, S
 from benchmarks.core.store import ArtifactStore, Transaction
 from benchmarks.methods.common import (
     FLOAT32,
+    MASKED_BACKBONE,
+    check_arch_stored,
     conv_modules,
     fresh_task_model,
+    keeps_masked_backbone,
     load_partial_state,
     set_submodule,
     shape_model,
@@ -83,7 +86,7 @@ from benchmarks.methods.common import (
     task_state_bytes,
     with_quick_epochs,
 )
-from benchmarks.methods.contract import Breakdown, Method, TaskInfo
+from benchmarks.methods.contract import Breakdown, Method, MethodContext, TaskInfo
 from benchmarks.models import archs
 from nws import bitpack
 
@@ -506,6 +509,10 @@ class AQD(Method):
                               Range(1, None, "at least one epoch", integer=True)),
         }
     }
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        check_arch_stored(self.name, ctx.arch, keeps_masked_backbone, MASKED_BACKBONE)
 
     def adjust_protocol(self, protocol: Protocol) -> Protocol:
         prov = dict(protocol.provenance)

@@ -45,10 +45,13 @@ from benchmarks.core.store import ArtifactStore, Transaction
 from benchmarks.methods.common import (
     BACKBONE,
     FLOAT32,
+    MASKED_BACKBONE,
+    check_arch_stored,
     conv_modules,
     conv_weight_count,
     conv_weight_state,
     fresh_task_model,
+    keeps_masked_backbone,
     load_partial_state,
     set_submodule,
     shape_model,
@@ -58,7 +61,7 @@ from benchmarks.methods.common import (
     task_state_bytes,
     with_quick_epochs,
 )
-from benchmarks.methods.contract import Breakdown, Method, TaskInfo
+from benchmarks.methods.contract import Breakdown, Method, MethodContext, TaskInfo
 from benchmarks.models import archs
 
 KSM_CODE = "KSM reference code (docs/reference.md §4)"
@@ -219,6 +222,10 @@ class KSM(Method):
                                  "99.2/100/99.2/100/96.6% on the five tasks", EPOCHS),
         }
     }
+
+    def __init__(self, ctx: MethodContext) -> None:
+        super().__init__(ctx)
+        check_arch_stored(self.name, ctx.arch, keeps_masked_backbone, MASKED_BACKBONE)
 
     def adjust_protocol(self, protocol: Protocol) -> Protocol:
         return with_quick_epochs(protocol, self.opt["quick_epochs"], "KSM")

@@ -46,10 +46,12 @@ from benchmarks.methods.common import (
     BACKBONE,
     FLOAT32,
     bn_state,
+    check_arch_stored,
     conv_modules,
     conv_weight_count,
     conv_weight_state,
     fresh_task_model,
+    is_bn,
     load_partial_state,
     shape_model,
     stored_backbone,
@@ -156,6 +158,12 @@ QUICK = Each(Range(0, None, "a positive factor", lo_open=True),
              "(retrain epochs fraction, lr factor) under the quick protocol", length=2)
 
 
+def _keeps(module: nn.Module) -> bool:
+    """What PackNet keeps besides the head: BN, and bias-free convs (masked in place, so a
+    conv subclass keeps its own forward)."""
+    return is_bn(module) or (isinstance(module, nn.Conv2d) and module.bias is None)
+
+
 class PackNet(Method):
     name = "packnet"
     optimizer_weight_decay = False  # applied by hand in after_backward
@@ -189,6 +197,8 @@ class PackNet(Method):
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
+        check_arch_stored(self.name, ctx.arch, _keeps, "BatchNorm and bias-free nn.Conv2d "
+                          "layers (and the head)")
         self.fractions = prune_fractions(self.opt["prune"], len(ctx.tasks))
         self.bits = bitpack.bits_for(len(ctx.tasks) + 1)
         self._reset_task_state()

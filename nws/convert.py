@@ -18,12 +18,29 @@ Pools = dict[str, torch.Tensor]  # layer name -> (n, gs * k * k) pool
 Indices = dict[str, torch.Tensor]  # layer name -> (num_groups,) int64
 
 
+def is_plain_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` that computes what ``nn.Conv2d`` computes (zero padding, the class's
+    own forward): what an NWS layer can stand in for. A subclass with its own forward (timm's
+    ``Conv2dSame`` pads per input, ``StdConv2d`` standardises its weight) is not."""
+    cls = type(module)
+    return (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
+            and cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward)
+
+
 def convertible_layers(model: nn.Module, linear: str = "last") -> dict[str, nn.Module]:
     """The modules ``nwsify`` converts, by name: every Conv2d and the last ("last"), every
-    ("all") or no ("none") Linear, in module order."""
+    ("all") or no ("none") Linear, in module order. A Conv2d that is not
+    :func:`is_plain_conv` raises ``ValueError`` (converting it would change what it
+    computes)."""
     if linear not in ("last", "all", "none"):
         raise ValueError(f"linear must be 'last', 'all' or 'none', got {linear!r}")
     mods = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    odd = [f"{n} ({type(m).__name__})" for n, m in mods
+           if isinstance(m, nn.Conv2d) and not is_plain_conv(m)]
+    if odd:
+        raise ValueError(f"NWS replaces convolutions by plain ones, and these compute "
+                         f"something else (their own forward or padding mode): "
+                         f"{', '.join(odd[:5])}")
     lins = [n for n, m in mods if isinstance(m, nn.Linear)]
     keep = {"all": set(lins), "none": set(), "last": set(lins[-1:])}[linear]
     return {n: m for n, m in mods if isinstance(m, nn.Conv2d) or n in keep}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -116,13 +117,25 @@ def id_options(method: str, benchmark: str, options: dict[str, Any],
     return out | {k: v for k, v in _plain(options).items() if v != _plain(defaults).get(k)}
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+
+
+def folder_safe(text: str) -> str:
+    """``text`` as a file or folder name: every character outside ``A-Z a-z 0-9 . _ + = -``
+    becomes ``_`` (a spec's colon, ``timm:resnet10t`` or ``pkg.mod:NAME``: rsync and scp read
+    ``a:b`` as a remote path, Windows forbids it). The registries' own names are unchanged;
+    two names made equal by it are still two identities (a resume is refused)."""
+    return _UNSAFE.sub("_", text)
+
+
 def run_id(cfg: Any, identity: dict[str, Any], option_defaults: dict[str, Any]) -> str:
     """``<benchmark>-<method>-<arch>-<protocol>-s<seed>-<hash>``; the hash covers the
     options (:func:`id_options`), the pretrained source, the task count, the data options
     and the ``--set`` overrides. ``<method>`` is the method class's name (the identity's
-    ``method``; a plugin's spec ``pkg.mod:Class`` never names a folder)."""
+    ``method``; a plugin's spec ``pkg.mod:Class`` never names a folder), every part made
+    :func:`folder_safe`."""
     method = identity.get("method", cfg.method)
-    base = f"{cfg.benchmark}-{method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}"
+    base = folder_safe(f"{cfg.benchmark}-{method}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}")
     variant = {k: identity[k] for k in ("pretrained", "num_tasks", "benchmark_options")}
     variant["options"] = id_options(method, cfg.benchmark, identity["options"],
                                     option_defaults)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core.checks import Range
+from benchmarks.core.identity import folder_safe
 from benchmarks.engine.run_config import RunConfig
 
 SWEEP_DIR = ".sweep"
@@ -92,7 +93,7 @@ def job_for(cfg: RunConfig) -> Job:
     match = _json({k: asdict(cfg)[k] for k in MATCH_FIELDS})
     digest = hashlib.sha256(json.dumps(match, sort_keys=True).encode()).hexdigest()[:8]
     name = METHODS.get(cfg.method).name
-    key = f"{cfg.benchmark}-{name}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}"
+    key = folder_safe(f"{cfg.benchmark}-{name}-{cfg.arch}-{cfg.protocol}-s{cfg.seed}-{digest}")
     # a job's output is a log: no bars
     return Job(key, name, cfg.seed, match, replace(cfg, progress=False).to_dict())
 

@@ -3,6 +3,7 @@ shared conv backbone, per-task BN + head state, and analytic byte counts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -12,6 +13,7 @@ from benchmarks.core.protocols import Protocol
 from benchmarks.core.store import ArtifactStore
 from benchmarks.methods.contract import MethodContext
 from benchmarks.models import archs
+from nws.convert import is_plain_conv
 
 FLOAT32 = 4
 
@@ -111,6 +113,50 @@ def task_state(model: nn.Module, arch: str) -> dict[str, torch.Tensor]:
     for key, value in archs.get_head(model, arch).state_dict().items():
         out[f"{head}.{key}"] = value.detach()
     return out
+
+
+def is_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def is_bias_free_plain_conv(module: nn.Module) -> bool:
+    return is_plain_conv(module) and module.bias is None
+
+
+def keeps_masked_backbone(module: nn.Module) -> bool:
+    """What KSM and AQD keep of a model besides the head: BN, and bias-free plain convs
+    (they replace the convs by their own layers, which compute a plain conv)."""
+    return is_bias_free_plain_conv(module) or is_bn(module)
+
+
+MASKED_BACKBONE = "BatchNorm and bias-free plain nn.Conv2d layers (and the head)"
+
+
+def check_arch_stored(method: str, arch: str, keeps: Callable[[nn.Module], bool],
+                      what: str) -> None:
+    """Refuse (``ValueError``, CLI exit 2) an architecture holding a parameter or persistent
+    buffer in a module that ``method`` neither keeps (``keeps(module)``) nor has as head:
+    such a tensor would be trained but not stored, and the model rebuilt from the store
+    would be another (all the suite's own archs pass; a timm model with LayerNorm, a
+    conv bias or timm's ``Conv2dSame`` may not). ``what``: what the method keeps, in words.
+    On a shapes-only model: no weights are made."""
+    model = shape_model(arch)
+    head = archs.get_head(model, arch)
+    kept = {n for n, m in model.named_modules() if m is head or keeps(m)}
+    modules = dict(model.named_modules())
+    lost = [k for k in model.state_dict() if k.rpartition(".")[0] not in kept]
+    if lost:
+        shown = [f"{k} ({_kind(modules[k.rpartition('.')[0]])})" for k in lost[:6]]
+        raise ValueError(
+            f"method {method} cannot run on --arch {arch}: it keeps only {what}, and "
+            f"{len(lost)} tensors of {arch} lie elsewhere (they would be trained but not "
+            f"stored): {', '.join(shown)}{' ...' if len(lost) > 6 else ''}. Use another "
+            f"--arch, or --method finetune (it stores whole models)")
+
+
+def _kind(module: nn.Module) -> str:
+    with_bias = isinstance(module, nn.Conv2d) and module.bias is not None
+    return type(module).__name__ + (" with bias" if with_bias else "")
 
 
 def shape_model(arch: str, num_classes: int = archs.IMAGENET_CLASSES) -> nn.Module:

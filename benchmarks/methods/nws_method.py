@@ -42,7 +42,15 @@ from benchmarks.core.device_policy import DevicePolicy
 from benchmarks.core.protocols import S
 from benchmarks.core.seeding import generator
 from benchmarks.core.store import ArtifactStore, StoreIntegrityError, Transaction
-from benchmarks.methods.common import FLOAT32, bn_bytes, bn_state, load_inference_state
+from benchmarks.methods.common import (
+    FLOAT32,
+    bn_bytes,
+    bn_state,
+    check_arch_stored,
+    is_bn,
+    load_inference_state,
+    shape_model,
+)
 from benchmarks.methods.contract import Breakdown, Fit, Method, TaskInfo
 from benchmarks.models import archs
 from nws import codec
@@ -70,6 +78,30 @@ def keyframe_interval(value: Any) -> int | None:
         raise ValueError(f"option keyframe_every={value!r}: give a whole number >= 1 (a key "
                          "frame every k tasks) or none (only task 0)")
     return value
+
+
+def _keeps(module: nn.Module) -> bool:
+    """What NWS keeps besides the head: BN, and the convs it converts (nws.nwsify)."""
+    return is_bn(module) or nws.convert.is_plain_conv(module)
+
+
+def _check_group_size(arch: str, group_size: int, classes: list[int]) -> None:
+    """``ValueError`` before any work when ``group_size`` does not divide the kernel count of
+    every converted layer (each task's head included); the suite's own archs always pass,
+    some timm models do not."""
+    if group_size == 1:
+        return
+    model = shape_model(arch, classes[0])
+    head = archs.ARCHS.get(arch).head
+    counts = {n: m.weight.numel() // nws.convert.group_dim(m) for n, m in
+              nws.convertible_layers(model, LINEAR).items() if n != head}
+    counts |= {f"{head} ({c} classes)": archs.get_head(model, arch).in_features * c
+               for c in classes}
+    bad = [f"{n} ({k})" for n, k in counts.items() if k % group_size]
+    if bad:
+        raise ValueError(f"option group_size={group_size} does not divide the kernel count of "
+                         f"{len(bad)} layers of {arch}: {', '.join(bad[:5])}; use a group size "
+                         "that divides them (1 always does)")
 
 
 def _plain_model(arch: str, num_classes: int) -> nn.Module:
@@ -151,6 +183,10 @@ class NWSMethod(Method):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
+        check_arch_stored(self.name, ctx.arch, _keeps, "BatchNorm and plain nn.Conv2d layers "
+                          "(weights as indices, biases) and the head")
+        _check_group_size(ctx.arch, int(self.opt["group_size"]),
+                          sorted({t.num_classes for t in ctx.tasks}))
         if self.opt["codec"] not in codec.TASK_CODECS:
             raise ValueError(f"option codec={self.opt['codec']!r}: valid {codec.TASK_CODECS}")
         self.keyframe_every = keyframe_interval(self.opt.get("keyframe_every"))

@@ -22,6 +22,8 @@ heads per task with :func:`set_head`. All convolutions are bias-free and followe
   Table 3's Finetune-VGG16 (1124.0 MiB / 20 tasks = 56.2 per task) fits this model with a
   task-sized head; torchvision's classifier alone would be ~10x that. The authors' code
   used 256-entry VGG16 pools (paper: 512): run NWS with ``--opt pool_size=256``.
+- ``timm:NAME``: any timm model, unchanged, head found by timm's ``get_classifier()``,
+  ImageNet weights by timm's own mechanism (:mod:`benchmarks.models.timm_archs`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class ArchSpec:
     # Maps a foreign state dict (torchvision's layout) onto this architecture's keys; must
     # leave the architecture's own state dicts unchanged.
     adapt_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # ImageNet weights from elsewhere than torchvision (timm's own mechanism): () -> state dict
+    # in this architecture's layout, or WeightsUnavailableError saying how to supply them.
+    imagenet: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 def _check_arch(obj: object) -> None:
@@ -184,6 +189,23 @@ ARCHS.register(
 )
 
 
+@functools.cache  # looked up on every head access
+def _timm_arch(name: str) -> ArchSpec:
+    """``timm:name`` (:mod:`benchmarks.models.timm_archs`, imported with timm on first use).
+    Raises UnknownNameError (unknown model or tag), ValueError (classifier not a Linear)."""
+    from benchmarks.models import timm_archs
+
+    timm_archs.check_name(name)
+    return ArchSpec(f"timm:{name}", functools.partial(timm_archs.create, name),
+                    timm_archs.head_path(name, IMAGENET_CLASSES), None,
+                    imagenet=functools.partial(timm_archs.imagenet_state_dict, name,
+                                               IMAGENET_CLASSES))
+
+
+ARCHS.add_prefix("timm", _timm_arch, "any timm model, e.g. timm:resnet10t (timm.create_model; "
+                 "docs/data-and-weights.md, Any timm model)")
+
+
 def get_head(model: nn.Module, arch: str) -> nn.Linear:
     return model.get_submodule(ARCHS.get(arch).head)
 
@@ -226,6 +248,10 @@ def build(arch: str, num_classes: int = IMAGENET_CLASSES) -> nn.Module:
         return make(num_classes)
     with torch.device("meta"):
         model = make(num_classes)
+    if set(dict(model.named_buffers())) - set(model.state_dict()):
+        # non-persistent buffers (some timm models' constant filters) are set by the
+        # constructor and no load restores them: build for real
+        return make(num_classes)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
@@ -260,7 +286,9 @@ _TOO_SMALL = ("Output size is too small", "greater than actual input size")
 @functools.cache
 def _fits(arch: str, size: int) -> bool:
     """Whether one ``size`` x ``size`` RGB image passes through ``arch`` (eval mode, on the
-    meta device: shapes only, no memory, no compute)."""
+    meta device: shapes only, no memory, no compute). A model that refuses the size for
+    another reason (a timm ViT built for 224x224 asserts its input size) raises
+    :class:`InputTooSmallError` quoting it."""
     with torch.device("meta"):
         model = build(arch, 2).eval()
         try:
@@ -269,6 +297,11 @@ def _fits(arch: str, size: int) -> bool:
             if any(m in str(err) for m in _TOO_SMALL):
                 return False
             raise
+        except (AssertionError, ValueError) as err:
+            raise InputTooSmallError(
+                f"{arch} does not take {size}x{size} inputs: "
+                f"{str(err).rstrip('.') or type(err).__name__}. "
+                f"Use another --arch (or a benchmark of the size it was built for)") from err
     return True
 
 
@@ -351,7 +384,8 @@ class Pretrained:
         if self.source == "none":
             return None
         if self.source == "imagenet":
-            sd = _torchvision_state_dict(self.arch)
+            imagenet = ARCHS.get(self.arch).imagenet
+            sd = imagenet() if imagenet is not None else _torchvision_state_dict(self.arch)
         else:
             sd = load_state_dict(self.source)
         adapt = ARCHS.get(self.arch).adapt_weights

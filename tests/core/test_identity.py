@@ -184,3 +184,20 @@ def test_an_input_file_is_digested_once_per_version(tmp_path, monkeypatch):
     os.utime(path, ns=(1, 1))  # another modification time: digested again
     identity.file_digest(path)
     assert len(calls) == 3
+
+
+def test_run_folders_and_job_keys_of_specs_hold_no_colon(tmp_path):
+    """A spec's colon (``timm:NAME``, ``pkg.mod:NAME``) never reaches a folder or file name:
+    rsync and scp read ``a:b`` as a remote path and Windows forbids it."""
+    from benchmarks.exec.launch import plan_jobs
+
+    assert identity.folder_safe("split_digits-nws-timm:resnet10t-quick-s1") == (
+        "split_digits-nws-timm_resnet10t-quick-s1")
+    assert identity.folder_safe("split_digits-nws-resnet18-quick-s1993") == (
+        "split_digits-nws-resnet18-quick-s1993")  # the registries' names unchanged
+    args = cli.parser().parse_args(["--method", "finetune", "--benchmark", "synthetic",
+                                    "--arch", "timm:resnet10t", "--protocol", "smoke",
+                                    "--out", str(tmp_path), "--launcher", "local"])
+    (job,) = plan_jobs(args)
+    assert ":" not in job.key and "timm_resnet10t" in job.key
+    assert job.config["arch"] == "timm:resnet10t"  # the spec itself travels unchanged

@@ -46,8 +46,9 @@ from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.harness import RunConfig, build_benchmark
 from benchmarks.exec.runs import CLI_ERRORS, _pairs
+from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, check_input_size
-from benchmarks.perf.conformance_runs import BATCH, Job, resolve_method
+from benchmarks.perf.conformance_runs import BATCH, Job, resolvable
 from benchmarks.perf.profile import PHASES, PLAIN, profile_method
 
 CHECKS: dict[str, str] = {
@@ -143,7 +144,7 @@ def plan(spec: str, *, quick: bool = False, arch: str = "resnet18",
     bad = [c for c in only if c not in CHECKS]
     if bad:
         raise ValueError(f"checks {bad}: valid: {', '.join(CHECKS)}")
-    cls = resolve_method(spec)
+    cls = METHODS.get(spec)
     benchmark = benchmark or ("synthetic" if quick else "split_digits")
     ARCHS.get(arch)
     BENCHMARKS.get(benchmark)
@@ -410,6 +411,13 @@ def check_method(spec: str, *, quick: bool = False, arch: str = "resnet18",
     line is also passed to ``emit`` as it is known. ``out``: keep the runs there (an empty
     or new folder); default a temporary folder, removed. Bad input raises one of
     :data:`benchmarks.exec.runs.CLI_ERRORS` before any work."""
+    with resolvable(spec):
+        return _check(spec, quick, arch, benchmark, options, only, out, emit)
+
+
+def _check(spec: str, quick: bool, arch: str, benchmark: str | None,
+           options: dict[str, Any] | None, only: Sequence[str] | None,
+           out: str | Path | None, emit: Callable[[str], None] | None) -> Report:
     started = time.perf_counter()
     p = plan(spec, quick=quick, arch=arch, benchmark=benchmark, options=options, only=only)
     if out is not None and Path(out).exists() and (not Path(out).is_dir()

@@ -17,12 +17,15 @@ module global) cannot carry it into a job that only reads the store.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,24 +41,32 @@ BATCH = 4  # images in the fixed batch
 BATCH_SEED = 0
 
 
-def resolve_method(spec: str) -> type:
-    """``METHODS.get(spec)``; a ``package.module:Class`` spec the registry does not know yet is
-    registered under the spec itself first (until the registry resolves module paths
-    itself, issue 24 item 1; then this is plain ``METHODS.get``). Raises ``ValueError``
-    naming the spec for one that does not import or names no attribute."""
+@contextlib.contextmanager
+def resolvable(spec: str) -> Iterator[type]:
+    """``METHODS.get(spec)`` works inside, and gives the class yielded. A module-path spec
+    (``package.module:Class``) the registry does not resolve yet is registered under the
+    spec itself for the block (until the registry takes module paths itself, issue 24
+    item 1: then this is plain ``METHODS.get``). Raises ``ValueError`` naming the spec for
+    one that does not import or names no attribute."""
+    added = False
     try:
-        return METHODS.get(spec)
+        METHODS.get(spec)
     except UnknownNameError:
-        if ":" not in spec or spec in METHODS:
+        if ":" not in spec:
             raise
-    module, _, attr = spec.partition(":")
+        module, _, attr = spec.partition(":")
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"method {spec!r} does not import: {type(err).__name__}: "
+                             f"{err}") from err
+        METHODS.register(spec, spec, "module path (conformance check)")
+        added = True
     try:
-        getattr(__import__(module, fromlist=[attr]), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"method {spec!r} does not import: {type(err).__name__}: {err}"
-                         ) from err
-    METHODS.register(spec, spec, "module path (conformance check)")
-    return METHODS.get(spec)
+        yield METHODS.get(spec)
+    finally:
+        if added:  # no lasting trace in this process's registry (e.g. --method all)
+            METHODS._entries.pop(spec, None)
 
 
 def fixed_batch(size: int) -> torch.Tensor:
@@ -126,13 +137,13 @@ class Job:
 
 def run_job(job: Job) -> Path:
     """The job's run, in this process (``python -m`` entry)."""
-    cls = resolve_method(job.spec)
     recorded: dict[int, torch.Tensor] = {}
-    if job.record:
-        record_load_task(cls, fixed_batch(job.image_size), recorded)
-    if job.kill_after is not None:
-        kill_after_steps(cls, job.kill_after)
-    run_dir = run(RunConfig(**job.config))
+    with resolvable(job.spec) as cls:
+        if job.record:
+            record_load_task(cls, fixed_batch(job.image_size), recorded)
+        if job.kill_after is not None:
+            kill_after_steps(cls, job.kill_after)
+        run_dir = run(RunConfig(**job.config))
     if job.record:
         torch.save(recorded, job.record)
     return run_dir

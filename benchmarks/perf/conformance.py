@@ -35,19 +35,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
-from benchmarks.core.breakdown import Breakdown
-from benchmarks.core.checks import Check
-from benchmarks.core.protocols import S
 from benchmarks.core.results import TIMING_METRICS, ResultsStore, load_rows
-from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.harness import RunConfig, build_benchmark
 from benchmarks.exec.runs import CLI_ERRORS, _pairs
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, check_input_size
+from benchmarks.perf.conformance_diff import (
+    blob_differences,
+    blobs,
+    logits_differences,
+    memory_violations,
+    rows_differences,
+    run_memory,
+    settings_violations,
+)
 from benchmarks.perf.conformance_runs import BATCH, Job, resolvable
 from benchmarks.perf.profile import PHASES, PLAIN, profile_method
 
@@ -65,7 +69,6 @@ SMALL: dict[str, dict[str, Any]] = {
     "synthetic": {"n_train": 16, "n_test": 8, "size": 16},
     "split_digits": {"size": 16},
 }
-UNKNOWN_OPTION = "no_such_option_conformance_check"
 STEP_BATCH, STEP_SIZE = 4, 32  # the step-cost check's batch (counts do not depend on it)
 
 
@@ -104,11 +107,14 @@ class Report:
 
     def verdict(self) -> str:
         failed = [o.check for o in self.outcomes if not o.passed]
+        skipped = [c for c in CHECKS if c not in {o.check for o in self.outcomes}]
+        unrun = f"; not run: {', '.join(skipped)}" if skipped else ""
         if not failed:
-            return (f"verdict: CONFORMING ({len(self.outcomes)} of {len(self.outcomes)} checks "
-                    f"passed, {self.seconds:.0f} s)")
+            n = len(self.outcomes)
+            return (f"verdict: CONFORMING ({n} of {n} checks passed{unrun}; "
+                    f"{self.seconds:.0f} s)")
         return (f"verdict: NOT CONFORMING ({', '.join(failed)} failed: "
-                f"{len(self.violations)} violation(s); {self.seconds:.0f} s)")
+                f"{len(self.violations)} violation(s){unrun}; {self.seconds:.0f} s)")
 
     def format(self) -> str:
         return "\n".join([self.setup, *(ln for o in self.outcomes for ln in o.lines()),
@@ -123,7 +129,6 @@ class Plan:
     cls: type
     config: RunConfig
     image_size: int
-    classes: list[int]
     only: tuple[str, ...]
 
     def describe(self, quick: bool) -> str:
@@ -158,47 +163,10 @@ def plan(spec: str, *, quick: bool = False, arch: str = "resnet18",
     bench = build_benchmark(config)
     check_input_size(arch, bench.input_size, benchmark)
     config.num_tasks = len(bench.tasks)
-    return Plan(spec, cls, config, bench.input_size, [t.num_classes for t in bench.tasks],
-                only)
+    return Plan(spec, cls, config, bench.input_size, only)
 
 
 # -- (b) memory ------------------------------------------------------------------------------
-def memory_violations(formula: Breakdown, stored: Breakdown) -> list[str]:
-    """Where ``formula`` (a method's ``memory_formula``) and ``stored`` (the store's
-    :meth:`~benchmarks.core.store.ArtifactStore.breakdown`) differ, blob by blob."""
-    out: list[str] = []
-
-    def compare(where: str, want: dict[str, int], got: dict[str, int]) -> None:
-        for name in sorted(set(want) | set(got)):
-            if name not in got:
-                out.append(f"{where} blob {name!r}: {want[name]:,} B in the formula, not "
-                           f"stored")
-            elif name not in want:
-                out.append(f"{where} blob {name!r}: {got[name]:,} B stored, not in the formula")
-            elif want[name] != got[name]:
-                out.append(f"{where} blob {name!r}: formula {want[name]:,} B, stored "
-                           f"{got[name]:,} B ({got[name] - want[name]:+,} B)")
-
-    compare("shared", formula.shared, stored.shared)
-    if len(formula.per_task) != len(stored.per_task):
-        out.append(f"the formula counts {len(formula.per_task)} tasks, the store holds "
-                   f"{len(stored.per_task)}")
-    for t, (want, got) in enumerate(zip(formula.per_task, stored.per_task, strict=False)):
-        compare(f"task {t}", want, got)
-    return out
-
-
-def run_memory(cls: type, run_dir: Path) -> tuple[Breakdown, Breakdown]:
-    """(``cls.memory_formula`` for the run's architecture, class counts and resolved options,
-    the run's stored bytes)."""
-    config = ResultsStore(run_dir).read_json("config.json")
-    rc = config["run_config"]
-    options = cls.resolve_options(rc["benchmark"], rc["method_options"])
-    classes = [t["num_classes"] for t in config["tasks"]]
-    formula = cls.memory_formula(rc["arch"], classes, options)
-    return formula, ArtifactStore(run_dir / "artifacts", readonly=True).breakdown()
-
-
 def check_memory(cls: type, run_dir: Path) -> Outcome:
     formula, stored = run_memory(cls, run_dir)
     per_task = ", ".join(f"{sum(d.values()):,}" for d in stored.per_task)
@@ -208,62 +176,6 @@ def check_memory(cls: type, run_dir: Path) -> Outcome:
 
 
 # -- (a), (c): runs compared ----------------------------------------------------------------
-def rows_differences(a: Path, b: Path, query: str | None = None, limit: int = 5) -> list[str]:
-    """Rows of run folders ``a`` and ``b`` (those ``query`` selects, e.g. ``"after_task ==
-    2"``) that differ, timings and run ids aside, by (task, after_task, metric); at most
-    ``limit`` named."""
-    key = ["task", "after_task", "metric"]
-
-    def table(d: Path) -> pd.Series:
-        rows = load_rows(d)
-        rows = rows[~rows.metric.isin(TIMING_METRICS)]
-        return (rows.query(query) if query else rows).set_index(key).value.sort_index()
-
-    x, y = table(a), table(b)
-    out = [f"row {k} only in {a.name}" for k in x.index.difference(y.index)]
-    out += [f"row {k} only in {b.name}" for k in y.index.difference(x.index)]
-    both = x.index.intersection(y.index)
-    xs, ys = x[both], y[both]
-    differ = (xs != ys) & ~(xs.isna() & ys.isna())
-    out += [f"row {k}: {xs[k]:.10g} vs {ys[k]:.10g}" for k in both[differ.to_numpy()]]
-    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
-
-
-def blobs(run_dir: Path) -> dict[tuple[int | None, str], bytes]:
-    """Every stored blob's bytes, by (task or None for shared, name)."""
-    store = ArtifactStore(run_dir / "artifacts", readonly=True)
-    return {(t, n): store.get_bytes(n, t) for t in [None, *store.tasks()]
-            for n in store.names(t)}
-
-
-def blob_differences(a: Path, b: Path) -> list[str]:
-    x, y = blobs(a), blobs(b)
-    where = {None: "shared"}
-    out = [f"{where.get(t, f'task {t}')} blob {n!r}: only in {a.name}" for t, n in x.keys() - y]
-    out += [f"{where.get(t, f'task {t}')} blob {n!r}: only in {b.name}" for t, n in y.keys() - x]
-    out += [f"{where.get(t, f'task {t}')} blob {n!r} differs ({len(x[t, n]):,} B)"
-            for t, n in sorted(x.keys() & y.keys(), key=str) if x[t, n] != y[t, n]]
-    return out
-
-
-def logits_differences(evaluated: dict[int, torch.Tensor], rebuilt: dict[int, torch.Tensor],
-                       tasks: int) -> list[str]:
-    out = []
-    for t in range(tasks):
-        if t not in evaluated:
-            out.append(f"task {t}: the run evaluated no model of it (load_task not called)")
-        elif t not in rebuilt:
-            out.append(f"task {t}: not rebuilt in the fresh process")
-        elif evaluated[t].shape != rebuilt[t].shape:
-            out.append(f"task {t}: logits of shape {tuple(rebuilt[t].shape)} rebuilt, "
-                       f"{tuple(evaluated[t].shape)} evaluated")
-        elif not torch.equal(evaluated[t], rebuilt[t]):
-            diff = (evaluated[t] - rebuilt[t]).abs().max().item()
-            out.append(f"task {t}: the model rebuilt from the store in a fresh process gives "
-                       f"other logits than the model the run evaluated (max |diff| {diff:.3g})")
-    return out
-
-
 def failure(proc) -> str:
     """What stopped a job's process: its error's last line, or the signal."""
     if proc.returncode < 0:
@@ -332,7 +244,8 @@ class Runs:
             return Outcome("c", figure, [f"the relaunched run failed: {failure(proc)}"])
         bad = [f"rows: {d}" for d in rows_differences(whole, run_dir)]
         bad += [f"blobs: {d}" for d in blob_differences(whole, run_dir)]
-        n_rows = len(load_rows(whole).query("metric not in @TIMING_METRICS"))
+        rows = load_rows(whole)
+        n_rows = int((~rows.metric.isin(TIMING_METRICS)).sum())
         return Outcome("c", f"{figure}: {n_rows} rows and {len(blobs(whole))} blobs "
                             f"{'identical' if not bad else 'compared'} to an uninterrupted run",
                        bad)
@@ -358,43 +271,6 @@ def check_step(spec: str, arch: str) -> Outcome:
 
 
 # -- (e) settings -----------------------------------------------------------------------------
-def settings_violations(cls: type) -> list[str]:
-    """Each declared option has a source and a range (with its reason) its default is in;
-    its scopes are ``default`` or registered benchmarks; defaults resolve; an unknown option
-    is refused."""
-    out: list[str] = []
-    scopes = ["default", *BENCHMARKS.names()]
-    for scope, settings in cls.SETTINGS.items():
-        if scope not in scopes:
-            out.append(f"SETTINGS[{scope!r}]: no such benchmark (valid: {', '.join(scopes)})")
-        for key, s in settings.items():
-            where = f"option {key!r} ({scope})"
-            if not isinstance(s, S):
-                out.append(f"{where}: not an S(value, source, check)")
-                continue
-            if not (isinstance(s.source, str) and s.source.strip()):
-                out.append(f"{where}: no source (paper section, reference code, or 'ours')")
-            if not isinstance(s.check, Check):
-                out.append(f"{where}: declares no range (S(..., check=Range/OneOf/...))")
-                continue
-            if not getattr(s.check, "why", ""):
-                out.append(f"{where}: its range gives no reason")
-            problem = s.check.problem(s.value)
-            if problem is not None:
-                out.append(f"{where}: default {s.value!r} outside its range: {problem}")
-    for bench in BENCHMARKS.names():
-        try:
-            cls.resolve_options(bench, {})
-        except (ValueError, TypeError) as err:
-            out.append(f"the defaults of {bench} do not resolve: {err}")
-        try:
-            cls.resolve_options(bench, {UNKNOWN_OPTION: 0})
-            out.append(f"an unknown option ({UNKNOWN_OPTION}) was accepted on {bench}")
-        except ValueError:
-            pass
-    return out
-
-
 def check_settings(cls: type) -> Outcome:
     keys = {k for settings in cls.SETTINGS.values() for k in settings}
     return Outcome("e", f"{len(keys)} option(s) declared, each checked for a source and a "

@@ -13,7 +13,7 @@ from analysis.identity import method_class
 from benchmarks.core.store import ArtifactStore
 from benchmarks.engine.harness import RunConfig, run
 from benchmarks.methods.table import METHODS
-from benchmarks.perf.conformance import memory_violations, run_memory
+from benchmarks.perf.conformance_diff import memory_violations, run_memory
 
 TASKS = 2
 DATA = {"n_train": 8, "n_test": 4, "size": 16}  # small synthetic tasks: sizes do not change

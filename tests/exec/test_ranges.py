@@ -18,7 +18,7 @@ from benchmarks.data import BENCHMARKS
 from benchmarks.exec import run as cli
 from benchmarks.exec.launch.slurm import minutes, settings_from
 from benchmarks.methods.table import METHODS
-from benchmarks.perf.conformance import settings_violations
+from benchmarks.perf.conformance_diff import settings_violations
 
 DIGITS = ["--method", "finetune", "--protocol", "smoke", "--tasks", "1"]
 

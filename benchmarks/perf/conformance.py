@@ -235,11 +235,11 @@ class Runs:
                    "uninterrupted run's" if proc.returncode == 0 else failure(proc))
             return Outcome("c", f"to be killed after step {kill} of {steps}", [why])
         run_dir = next(out.iterdir())
-        kept = len(list((run_dir / "checkpoints").glob("*")))
+        kept = len(list((run_dir / "checkpoints").glob("*.pt")))  # each with a checksum
         done = sorted(ResultsStore(run_dir).finished_tasks())
         proc = self.job("resume", out)
         figure = (f"SIGKILLed after step {kill} of {steps} (tasks done {done}, {kept} "
-                  f"checkpoint file(s) left), relaunched")
+                  f"phase checkpoint(s) left), relaunched")
         if proc.returncode != 0:
             return Outcome("c", figure, [f"the relaunched run failed: {failure(proc)}"])
         bad = [f"rows: {d}" for d in rows_differences(whole, run_dir)]

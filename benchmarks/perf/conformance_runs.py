@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.core.registry import UnknownNameError
 from benchmarks.engine.harness import RunConfig, run
+from benchmarks.methods.contract import Method
 from benchmarks.methods.table import METHODS
 
 MODULE = "benchmarks.perf.conformance_runs"
@@ -47,7 +48,7 @@ def resolvable(spec: str) -> Iterator[type]:
     (``package.module:Class``) the registry does not resolve yet is registered under the
     spec itself for the block (until the registry takes module paths itself, issue 24
     item 1: then this is plain ``METHODS.get``). Raises ``ValueError`` naming the spec for
-    one that does not import or names no attribute."""
+    one that does not import, names no attribute, or is no ``Method`` with a ``name``."""
     added = False
     try:
         METHODS.get(spec)
@@ -56,10 +57,13 @@ def resolvable(spec: str) -> Iterator[type]:
             raise
         module, _, attr = spec.partition(":")
         try:
-            getattr(importlib.import_module(module), attr)
+            obj = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as err:
             raise ValueError(f"method {spec!r} does not import: {type(err).__name__}: "
                              f"{err}") from err
+        if not (isinstance(obj, type) and issubclass(obj, Method)
+                and isinstance(getattr(obj, "name", None), str)):
+            raise ValueError(f"method {spec!r} is no Method subclass with a name") from None
         METHODS.register(spec, spec, "module path (conformance check)")
         added = True
     try:

@@ -111,6 +111,7 @@ def test_assert_conforms_raises_with_the_violations():
     (["no_such_method"], "unknown method 'no_such_method'"),
     (["tests.perf.no_such_module:X"], "tests.perf.no_such_module"),
     (["tests.perf.broken_methods:NoSuchClass"], "NoSuchClass"),
+    (["tests.perf.broken_methods:spec"], "tests.perf.broken_methods:spec"),  # a function
     (["finetune", "--arch", "resnet7"], "unknown architecture 'resnet7'"),
     (["finetune", "--benchmark", "mnist"], "unknown benchmark 'mnist'"),
     (["finetune", "--opt", "beta=1"], "unknown option(s) ['beta'] for method finetune"),

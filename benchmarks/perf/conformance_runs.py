@@ -130,13 +130,16 @@ class Job:
     def start(self, folder: Path, name: str, timeout: float | None = None
               ) -> subprocess.CompletedProcess:
         """Run the job in a fresh interpreter (this process's import path passed on, so it
-        resolves the same spec); its output is returned, not printed."""
+        resolves the same spec); its output is returned, not printed, and kept in
+        ``folder/<name>.log``."""
         path = folder / f"{name}.job.json"
         path.write_text(json.dumps(asdict(self)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        return subprocess.run([sys.executable, "-m", MODULE, str(path)], env=env,
+        proc = subprocess.run([sys.executable, "-m", MODULE, str(path)], env=env,
                               capture_output=True, text=True, timeout=timeout)
+        (folder / f"{name}.log").write_text(proc.stdout + proc.stderr)
+        return proc
 
 
 def run_job(job: Job) -> Path:

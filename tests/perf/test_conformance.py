@@ -74,8 +74,9 @@ def test_a_method_serving_models_from_memory_fails_a(tmp_path):
     assert "0 of 2 give the logits" in a.figure
     assert [v.split(":")[0] for v in a.violations[:2]] == ["task 0", "task 1"]
     assert all("max |diff|" in v for v in a.violations[:2])
-    store = next((tmp_path / "runs" / "whole").iterdir()) / "artifacts"
-    assert not list(store.glob("task_*/*.bin"))  # blank: no weights stored
+    run_dir = next((tmp_path / "runs" / "whole").iterdir())
+    assert not list((run_dir / "artifacts").glob("task_*/*.bin"))  # blank: no weights stored
+    assert str(run_dir) in (tmp_path / "runs" / "whole.log").read_text()  # --out keeps logs
 
 
 @pytest.mark.slow

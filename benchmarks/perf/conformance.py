@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "(package.module:Class) or an entry point's name")
     parser.add_argument("--quick", action="store_true",
                         help="synthetic data, 2 tasks (default: split_digits, 3 tasks)")
-    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--arch", default="resnet18", help="default: resnet18")
     parser.add_argument("--benchmark", default=None,
                         help="default: split_digits (synthetic with --quick)")
     parser.add_argument("--opt", action="append", metavar="KEY=VALUE",

@@ -69,6 +69,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "synthetic": {"n_train": 16, "n_test": 8, "size": 16},
     "split_digits": {"size": 16},
 }
+FRESH = ("the run", "the fresh process")  # how differences name the runs compared
+RESUMED = ("the uninterrupted run", "the resumed run")
 STEP_BATCH, STEP_SIZE = 4, 32  # the step-cost check's batch (counts do not depend on it)
 
 
@@ -218,7 +220,7 @@ class Runs:
         differ = logits_differences(evaluated, rebuilt, n)
         final = f"metric == 'accuracy' and after_task == {n - 1}"  # earlier rows: from
         rows = [f"accuracy from a fresh process: {d}"  # the store as it was then
-                for d in rows_differences(whole, copy, final)]
+                for d in rows_differences(whole, copy, final, names=FRESH)]
         return Outcome("a", f"{n} tasks rebuilt from the store in a fresh process: "
                             f"{n - len(differ)} of {n} give the logits of the model the run "
                             f"evaluated (bit for bit, fixed batch of {BATCH})", differ + rows)
@@ -242,8 +244,8 @@ class Runs:
                   f"phase checkpoint(s) left), relaunched")
         if proc.returncode != 0:
             return Outcome("c", figure, [f"the relaunched run failed: {failure(proc)}"])
-        bad = [f"rows: {d}" for d in rows_differences(whole, run_dir)]
-        bad += [f"blobs: {d}" for d in blob_differences(whole, run_dir)]
+        bad = [f"rows: {d}" for d in rows_differences(whole, run_dir, names=RESUMED)]
+        bad += [f"blobs: {d}" for d in blob_differences(whole, run_dir, RESUMED)]
         rows = load_rows(whole)
         n_rows = int((~rows.metric.isin(TIMING_METRICS)).sum())
         return Outcome("c", f"{figure}: {n_rows} rows and {len(blobs(whole))} blobs "

@@ -55,10 +55,11 @@ def run_memory(cls: type, run_dir: Path) -> tuple[Breakdown, Breakdown]:
     return formula, ArtifactStore(run_dir / "artifacts", readonly=True).breakdown()
 
 
-def rows_differences(a: Path, b: Path, query: str | None = None, limit: int = 5) -> list[str]:
+def rows_differences(a: Path, b: Path, query: str | None = None, limit: int = 5,
+                     names: tuple[str, str] = ("the first run", "the second")) -> list[str]:
     """Rows of run folders ``a`` and ``b`` (those ``query`` selects, e.g. ``"after_task ==
-    2"``) that differ, timings and run ids aside, by (task, after_task, metric); at most
-    ``limit`` named."""
+    2"``) that differ, timings and run ids aside, by (task, after_task, metric), values as
+    ``a`` vs ``b``; at most ``limit`` named. ``names``: how to call ``a`` and ``b``."""
     key = ["task", "after_task", "metric"]
 
     def table(d: Path) -> pd.Series:
@@ -67,8 +68,8 @@ def rows_differences(a: Path, b: Path, query: str | None = None, limit: int = 5)
         return (rows.query(query) if query else rows).set_index(key).value.sort_index()
 
     x, y = table(a), table(b)
-    out = [f"row {k} only in {a.name}" for k in x.index.difference(y.index)]
-    out += [f"row {k} only in {b.name}" for k in y.index.difference(x.index)]
+    out = [f"row {k} only in {names[0]}" for k in x.index.difference(y.index)]
+    out += [f"row {k} only in {names[1]}" for k in y.index.difference(x.index)]
     both = x.index.intersection(y.index)
     xs, ys = x[both], y[both]
     differ = (xs != ys) & ~(xs.isna() & ys.isna())
@@ -83,12 +84,17 @@ def blobs(run_dir: Path) -> dict[tuple[int | None, str], bytes]:
             for n in store.names(t)}
 
 
-def blob_differences(a: Path, b: Path) -> list[str]:
+def blob_differences(a: Path, b: Path, names: tuple[str, str] = ("the first run", "the second")
+                     ) -> list[str]:
+    """Blobs of run folders ``a`` and ``b`` that differ or only one of them holds."""
     x, y = blobs(a), blobs(b)
-    where = {None: "shared"}
-    out = [f"{where.get(t, f'task {t}')} blob {n!r}: only in {a.name}" for t, n in x.keys() - y]
-    out += [f"{where.get(t, f'task {t}')} blob {n!r}: only in {b.name}" for t, n in y.keys() - x]
-    out += [f"{where.get(t, f'task {t}')} blob {n!r} differs ({len(x[t, n]):,} B)"
+
+    def where(t: int | None, n: str) -> str:
+        return f"{'shared' if t is None else f'task {t}'} blob {n!r}"
+
+    out = [f"{where(t, n)}: only in {names[0]}" for t, n in sorted(x.keys() - y, key=str)]
+    out += [f"{where(t, n)}: only in {names[1]}" for t, n in sorted(y.keys() - x, key=str)]
+    out += [f"{where(t, n)} differs ({len(x[t, n]):,} B)"
             for t, n in sorted(x.keys() & y.keys(), key=str) if x[t, n] != y[t, n]]
     return out
 

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import ClassVar
 
+import pandas as pd
 import pytest
 
 from baselines.finetune import Finetune
 from benchmarks.core.breakdown import Breakdown
 from benchmarks.core.checks import Range
 from benchmarks.core.protocols import S
+from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
 from benchmarks.perf.conformance import (
     assert_conforms,
@@ -24,7 +27,12 @@ from benchmarks.perf.conformance import (
     check_method,
     main,
 )
-from benchmarks.perf.conformance_diff import memory_violations, settings_violations
+from benchmarks.perf.conformance_diff import (
+    blob_differences,
+    memory_violations,
+    rows_differences,
+    settings_violations,
+)
 from tests.perf.broken_methods import (
     FormulaOffByOneTensor,
     ServesFromMemory,
@@ -89,6 +97,28 @@ def test_a_formula_off_by_one_tensor_fails_b(finetune_check):
         f"task {t} blob 'model': formula 44,748,544 B, stored 44,748,552 B (+8 B)"
         for t in (0, 1)]
     assert check_memory(Finetune, finetune_check[2]).passed
+
+
+@pytest.mark.slow
+def test_rows_and_blob_differences_name_what_differs(finetune_check, tmp_path):
+    """What (a) and (c) compare, on a copy of Finetune's run with one accuracy changed and
+    one shared blob added."""
+    whole = finetune_check[2]
+    other = tmp_path / whole.name
+    shutil.copytree(whole, other)
+    rows = pd.read_csv(other / "rows.csv")
+    own = (rows.metric == "accuracy") & (rows.task == 1) & (rows.after_task == 1)
+    before = rows.loc[own, "value"].item()
+    rows.loc[own, "value"] = before + 0.25
+    rows.to_csv(other / "rows.csv", index=False)
+    with ArtifactStore(other / "artifacts").transaction() as tx:
+        tx.put("extra", b"1234", task=None)
+    names = ("a", "b")
+    assert rows_differences(whole, whole) == blob_differences(whole, whole) == []
+    assert rows_differences(whole, other, names=names) == [
+        f"row (1, 1, 'accuracy'): {before:.10g} vs {before + 0.25:.10g}"]
+    assert rows_differences(whole, other, "after_task == 0") == []
+    assert blob_differences(whole, other, names) == ["shared blob 'extra': only in b"]
 
 
 def test_item_in_after_step_fails_d_and_the_command_exits_1(capsys):

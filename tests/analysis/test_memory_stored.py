@@ -13,6 +13,7 @@ from analysis.identity import method_class
 from benchmarks.core.store import ArtifactStore
 from benchmarks.engine.harness import RunConfig, run
 from benchmarks.methods.table import METHODS
+from benchmarks.perf.conformance_diff import memory_violations, run_memory
 
 TASKS = 2
 DATA = {"n_train": 8, "n_test": 4, "size": 16}  # small synthetic tasks: sizes do not change
@@ -41,14 +42,10 @@ def test_stored_formula_equals_store_bytes(method: str, tmp_path) -> None:
     run_dir = run(RunConfig(method=method, benchmark="synthetic", protocol="smoke",
                             num_tasks=TASKS, out=str(tmp_path), device="cpu", progress=False,
                             method_options=options, benchmark_options=DATA))
-    store = ArtifactStore(run_dir / "artifacts")
-    classes = [2] * TASKS  # benchmarks.data.synthetic defaults
-    formula = cls.memory_formula("resnet18", classes, cls.resolve_options("synthetic", options))
-    assert store.breakdown() == formula  # by blob name, shared and per task
-    assert sum(formula.shared.values()) == store.nbytes(None)
-    for t in range(TASKS):
-        assert formula.task_bytes(t) == store.nbytes(t), f"task {t}"
-    assert formula.total() == store.total_bytes()
+    formula, stored = run_memory(cls, run_dir)  # the conformance check's (b)
+    assert memory_violations(formula, stored) == []  # by blob name, shared and per task
+    assert len(formula.per_task) == TASKS
+    assert formula.total() == ArtifactStore(run_dir / "artifacts").total_bytes()
 
 
 def test_delta_codec_matches_the_formula_wherever_it_is_analytic(tmp_path) -> None:

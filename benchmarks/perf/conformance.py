@@ -40,7 +40,8 @@ import torch
 from benchmarks.core.results import TIMING_METRICS, ResultsStore, load_rows
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.harness import RunConfig, build_benchmark
-from benchmarks.exec.runs import CLI_ERRORS, _pairs
+from benchmarks.engine.run_config import parse_pairs
+from benchmarks.exec.runs import CLI_ERRORS
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS, check_input_size
 from benchmarks.perf.conformance_diff import (
@@ -378,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     try:
-        options = _pairs(args.opt, "--opt")
-    except SystemExit as bad:  # KEY=VALUE missing its "="
-        print(bad, file=sys.stderr)
+        options = parse_pairs(args.opt, "--opt")
+    except ValueError as bad:  # KEY=VALUE missing its "="
+        print(f"error: {bad}", file=sys.stderr)
         return 2
     try:
         report = check_method(args.spec, quick=args.quick, arch=args.arch,

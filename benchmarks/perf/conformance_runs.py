@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import os
 import signal
@@ -32,9 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.core.registry import UnknownNameError
 from benchmarks.engine.harness import RunConfig, run
-from benchmarks.methods.contract import Method
 from benchmarks.methods.table import METHODS
 
 MODULE = "benchmarks.perf.conformance_runs"
@@ -44,33 +41,12 @@ BATCH_SEED = 0
 
 @contextlib.contextmanager
 def resolvable(spec: str) -> Iterator[type]:
-    """``METHODS.get(spec)`` works inside, and gives the class yielded. A module-path spec
-    (``package.module:Class``) the registry does not resolve yet is registered under the
-    spec itself for the block (until the registry takes module paths itself, issue 24
-    item 1: then this is plain ``METHODS.get``). Raises ``ValueError`` naming the spec for
-    one that does not import, names no attribute, or is no ``Method`` with a ``name``."""
-    added = False
-    try:
-        METHODS.get(spec)
-    except UnknownNameError:
-        if ":" not in spec:
-            raise
-        module, _, attr = spec.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"method {spec!r} does not import: {type(err).__name__}: "
-                             f"{err}") from err
-        if not (isinstance(obj, type) and issubclass(obj, Method)
-                and isinstance(getattr(obj, "name", None), str)):
-            raise ValueError(f"method {spec!r} is no Method subclass with a name") from None
-        METHODS.register(spec, spec, "module path (conformance check)")
-        added = True
-    try:
-        yield METHODS.get(spec)
-    finally:
-        if added:  # no lasting trace in this process's registry (e.g. --method all)
-            METHODS._entries.pop(spec, None)
+    """The class ``spec`` names (a registry name, an entry point or ``package.module:Class``,
+    :meth:`benchmarks.core.registry.Registry.get`), for a ``with`` block. Raises
+    :class:`~benchmarks.core.registry.PluginError` (a ``ValueError``) naming the spec for one
+    that does not import, names no attribute, or is no ``Method`` with a ``name``;
+    :class:`UnknownNameError` for a name nothing has."""
+    yield METHODS.get(spec)
 
 
 def fixed_batch(size: int) -> torch.Tensor:

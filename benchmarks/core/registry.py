@@ -171,11 +171,30 @@ class Registry(Generic[T]):
         run is planned once (``nws,benchmarks.methods.nws_method:NWSMethod`` is one)."""
         out: list[tuple[Any, str]] = []
         for spec in (s.strip() for s in text.split(",")):
+            if not spec:
+                raise PluginError(f"{self.kind} list {text!r} has an empty item: give "
+                                  f"comma-separated names or specs")
             for one in self.names() if spec == "all" else [spec]:
                 obj = self.get(one)
                 if not any(seen is obj for seen, _ in out):
-                    out.append((obj, one))
+                    out.append((obj, self.canonical(one)))
         return [spec for _, spec in out]
+
+    def canonical(self, spec: str) -> str:
+        """The one spelling of ``spec``'s object every spelling plans under: a built-in's
+        name, an entry point's name, else the object's own module path (a re-export
+        ``pkg:Class`` of ``pkg.impl:Class`` becomes ``pkg.impl:Class``). So a sweep planned
+        with one spelling and its status asked with another find the same run folders and
+        job records (the harness already takes them for one run)."""
+        obj = self.get(spec)
+        path = object_path(obj)
+        for name in self._entries:
+            if self._builtin_path(name) == path:
+                return name
+        for name, plugin in self._load_plugins().items():
+            if plugin.target is obj:
+                return name
+        return path if ":" in spec else spec
 
     def names(self) -> list[str]:
         """The built-in names (``--method all``): what entry points add is :meth:`plugins`."""
@@ -312,7 +331,8 @@ class Registry(Generic[T]):
                               f"({self._builtin_path(name)}); the built-in is used")
         try:
             obj = ep.load()
-        except Exception as err:  # any error of a plugin's import: it is left out, named
+        except (Exception, SystemExit) as err:  # any error of a plugin's import (a
+            # sys.exit() at import included): it is left out, named
             raise PluginError(f"{where}: {type(err).__name__}: {err}") from err
         own = self._check(obj, where)
         if own is not None and own != name:
@@ -342,7 +362,8 @@ def _import(module: str, attr: str, what: str) -> Any:
                 f"folder holding it on PYTHONPATH)") from err
         raise PluginError(f"{what}: importing {module} raised ModuleNotFoundError: {err}"
                           ) from err
-    except Exception as err:  # the plugin's own import failed: say how
+    except (Exception, SystemExit) as err:  # the plugin's own import failed: say how (also
+        # a sys.exit() at import, which would otherwise end the command without a word)
         raise PluginError(f"{what}: importing {module} raised {type(err).__name__}: {err}"
                           ) from err
     obj: Any = mod

@@ -195,10 +195,13 @@ class RunConfig:
         return axes + out
 
     def sources(self) -> dict[str, str]:
-        """Per field, where its value comes from: ``set`` when it differs from the default,
-        else the default's source (recorded in ``config.json``)."""
-        return {f.name: "set" if getattr(self, f.name) != _default(f)
-                else f.metadata["flag"].source for f in fields(self)}
+        """Per field, where its value comes from, as far as the configuration itself can
+        tell (recorded in ``config.json``): its default's source when it holds the default,
+        else ``not the default`` (a flag, the launcher, e.g. ``threads`` and ``progress`` of
+        a job, or no terminal for ``progress``; a flag given with the default's value reads
+        as the default)."""
+        return {f.name: f.metadata["flag"].source if getattr(self, f.name) == _default(f)
+                else "not the default" for f in fields(self)}
 
 
 def run_flags() -> list[tuple[str, Flag]]:
@@ -256,7 +259,7 @@ def parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
     out = {}
     for item in items or []:
         key, sep, val = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
         out[key] = parse_value(val)
     return out

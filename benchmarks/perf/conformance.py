@@ -313,7 +313,11 @@ def _check(spec: str, quick: bool, arch: str, benchmark: str | None,
             say(line)
 
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="nws-conformance-"))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way, no permission: bad input, nothing run yet
+        raise ValueError(f"--out {out}: cannot create that folder ({err.strerror or err}); "
+                         f"give an empty or new folder") from err
     try:
         runs = Runs(p, root)
         if {"a", "b", "c"} & set(p.only):
@@ -377,7 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="keep the check's run folders here (an empty or new folder); "
                              "default: a temporary folder, removed")
     args = parser.parse_args(argv)
-    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
+    only = None if args.only is None else [c.strip() for c in args.only.split(",") if c.strip()]
+    if only == []:
+        print(f"error: --only {args.only!r}: name at least one check ({', '.join(CHECKS)})",
+              file=sys.stderr)
+        return 2
     try:
         options = parse_pairs(args.opt, "--opt")
     except ValueError as bad:  # KEY=VALUE missing its "="

@@ -216,3 +216,41 @@ def test_a_prefix_is_tried_before_the_module_path_rule():
     plain: Registry[str] = Registry("logger")  # no entry-point group: names only
     with pytest.raises(UnknownNameError, match="unknown logger 'textwrap:dedent'"):
         plain.get("textwrap:dedent")
+
+
+def test_a_plugin_calling_sys_exit_at_import_is_refused_not_obeyed(site):
+    """A module whose import calls ``sys.exit`` used to end the command with its code and
+    no word; given by module path it is a PluginError naming the spec, as an entry point it
+    is left out and the built-ins keep working."""
+    (site / "p24plug_exits.py").write_text("import sys\nsys.exit(3)\n")
+    write_distribution(site, "p24plug-exit-dist", "0.1", ["p24plug_exits"],
+                       {"nws_bench.methods": ["exiter = p24plug_exits:X"]})
+    assert METHODS.get("finetune").name == "finetune"
+    assert "SystemExit: 3" in METHODS.broken()["exiter"]
+    with pytest.raises(PluginError, match=r"'p24plug_exits:X'.*raised SystemExit: 3"):
+        METHODS.get("p24plug_exits:X")
+
+
+def test_every_spelling_of_one_method_plans_one_run_under_one_spelling(site):
+    """A re-export (``pkg:Class`` of ``pkg.impl:Class``), a built-in's module path and its
+    name are planned under one spelling, so status asked with another spelling finds the
+    sweep's job records and folders."""
+    (site / "p24plug_reexport.py").write_text(f"from {MOD} import TinyFT\n")
+    assert METHODS.split(f"p24plug_reexport:TinyFT,{MOD}:TinyFT") == [f"{MOD}:TinyFT"]
+    assert METHODS.split("benchmarks.methods.nws_method:NWSMethod") == ["nws"]
+    jobs = [plan for spelling in ("p24plug_reexport:TinyFT", f"{MOD}:TinyFT")
+            for plan in _plan(spelling)]
+    assert jobs[0].key == jobs[1].key and jobs[0].match == jobs[1].match
+
+
+def _plan(method: str):
+    from benchmarks.exec.launch import plan_jobs
+
+    return plan_jobs(cli.parser().parse_args(["--method", method, *TINY, "--out", "runs",
+                                              "--launcher", "local"]))
+
+
+@pytest.mark.parametrize("text", ["nws, ,finetune", ",", ""])
+def test_an_empty_item_of_a_method_list_is_named(text):
+    with pytest.raises(PluginError, match="has an empty item"):
+        METHODS.split(text)

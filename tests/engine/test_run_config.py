@@ -54,7 +54,7 @@ def test_defaults_leave_the_command_line_short_and_sources_say_where_values_come
     cfg = RunConfig(method="nws")
     assert cfg.to_argv() == ["--method", "nws", "--seeds", "1993"]
     sources = RunConfig(method="nws", arch="resnet34").sources()
-    assert sources["arch"] == "set" and "offline" in sources["benchmark"]
+    assert sources["arch"] == "not the default" and "offline" in sources["benchmark"]
 
 
 @pytest.mark.parametrize("value", [0.1, 3, "text", "true", "1", [1, 2], None, True, "a b"])
@@ -70,7 +70,9 @@ def test_a_job_written_by_another_version_is_refused_naming_the_field():
         RunConfig.from_dict(json.loads(json.dumps(data)))
 
 
-def test_a_pair_without_equals_exits_2_naming_it(tmp_path, capsys):
+@pytest.mark.parametrize("item", ["epochs", "=2", " =2"])
+def test_a_pair_without_a_key_and_equals_exits_2_naming_it(item, tmp_path, capsys):
     code = cli.main(["--method", "finetune", "--benchmark", "synthetic", "--protocol",
-                     "smoke", "--set", "epochs", "--out", str(tmp_path)])
-    assert code == 2 and "--set takes KEY=VALUE, got 'epochs'" in capsys.readouterr().err
+                     "smoke", "--set", item, "--out", str(tmp_path / "out")])
+    assert code == 2 and f"--set takes KEY=VALUE, got {item!r}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

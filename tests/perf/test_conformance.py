@@ -208,3 +208,23 @@ def test_settings_violations_name_the_option_and_what_it_lacks():
     ]
     assert [v.split(" on ")[0] for v in settings_violations(TakesAnything)] == [
         "an unknown option (no_such_option_conformance_check) was accepted"] * 4
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--only", ""], "name at least one check"),
+    (["--only", ","], "name at least one check"),
+])
+def test_an_empty_only_exits_2_rather_than_running_every_check(flags, says, capsys):
+    from benchmarks.perf.conformance import main
+
+    assert main(["finetune", "--quick", *flags]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_an_out_folder_under_a_file_exits_2_naming_it(tmp_path, capsys):
+    from benchmarks.perf.conformance import main
+
+    (tmp_path / "afile").write_text("")
+    assert main(["finetune", "--quick", "--only", "e", "--out",
+                 str(tmp_path / "afile" / "sub")]) == 2
+    assert "cannot create that folder" in capsys.readouterr().err

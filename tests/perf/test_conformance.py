@@ -228,3 +228,17 @@ def test_an_out_folder_under_a_file_exits_2_naming_it(tmp_path, capsys):
     assert main(["finetune", "--quick", "--only", "e", "--out",
                  str(tmp_path / "afile" / "sub")]) == 2
     assert "cannot create that folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nws", "ksm", "packnet", "aqd", "linear-probe"])
+def test_the_builtins_and_the_example_plugin_conform(method, tmp_path):
+    """Issue 24: the five built-ins pass the check in CI (finetune above), and so does the
+    example package's method through its entry point (examples/linear_probe, installed by
+    tox). Each takes 40-105 s with ``--quick`` on the 2-core dev machine
+    (docs/checking-a-method.md)."""
+    if method == "linear-probe":
+        pytest.importorskip("nws_linear_probe", reason="examples/linear_probe not installed "
+                            "(tox installs it: pip install -e examples/linear_probe)")
+    report = check_method(method, quick=True, out=tmp_path / "runs")
+    assert not _failed(report), report.format()

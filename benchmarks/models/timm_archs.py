@@ -46,7 +46,10 @@ def check_name(name: str) -> None:
     """Raises :class:`UnknownNameError` unless timm knows model ``name`` (and its tag)."""
     import timm
 
-    arch, _, tag = name.partition(".")
+    arch, dot, tag = name.partition(".")
+    if dot and not tag:  # "timm:resnet10t." would be another run of the same model
+        raise UnknownNameError(f"timm:{name}: an empty pretrained tag after the dot; give "
+                               f"timm:{arch} or timm:{arch}.<tag>")
     if not arch:
         raise UnknownNameError(f"timm:{name}: give a timm model name after 'timm:', e.g. "
                                "timm:resnet10t (python -c \"import timm; "

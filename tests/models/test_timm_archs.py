@@ -134,6 +134,7 @@ def test_nwsify_refuses_a_conv_that_computes_something_else():
 @pytest.mark.parametrize(("arch", "words"), [
     ("timm:resnet10x", ["unknown timm model 'resnet10x'", "resnet10t", "timm.list_models"]),
     ("timm:resnet10t.bogus", ["no pretrained tag 'bogus'", "c3_in1k"]),
+    ("timm:resnet10t.", ["an empty pretrained tag", "timm:resnet10t or"]),
 ])
 def test_unknown_timm_names_exit_2_naming_them(arch, words, tmp_path, capsys):
     assert cli(["--arch", arch, "--method", "finetune", *SMOKE, "--out", str(tmp_path)]) == 2

@@ -27,7 +27,6 @@ from benchmarks.engine.run_config import (
     RunConfig,
     add_run_arguments,
     cli_values,
-    parse_value,
 )
 from benchmarks.engine.trackers import check_trackers
 from benchmarks.engine.training import TrainingDivergedError
@@ -42,7 +41,6 @@ __all__ = ["CLI_ERRORS", "PROG", "RUN_FLAGS", "add_run_arguments", "apply_proces
 CLI_ERRORS = (UnknownNameError, DataUnavailableError, WeightsUnavailableError, RunConflictError,
               RunLockedError, TrainingDivergedError, ValueError, StorageError)
 PROG = "python -m benchmarks.run"
-_value = parse_value  # kept for callers of the old name
 
 
 def run_parser() -> argparse.ArgumentParser:

@@ -53,7 +53,7 @@ from benchmarks.perf.conformance_diff import (
     run_memory,
     settings_violations,
 )
-from benchmarks.perf.conformance_runs import BATCH, Job, resolvable
+from benchmarks.perf.conformance_runs import BATCH, Job
 from benchmarks.perf.profile import PHASES, PLAIN, profile_method
 
 CHECKS: dict[str, str] = {
@@ -290,13 +290,6 @@ def check_method(spec: str, *, quick: bool = False, arch: str = "resnet18",
     line is also passed to ``emit`` as it is known. ``out``: keep the runs there (an empty
     or new folder); default a temporary folder, removed. Bad input raises one of
     :data:`benchmarks.exec.runs.CLI_ERRORS` before any work."""
-    with resolvable(spec):
-        return _check(spec, quick, arch, benchmark, options, only, out, emit)
-
-
-def _check(spec: str, quick: bool, arch: str, benchmark: str | None,
-           options: dict[str, Any] | None, only: Sequence[str] | None,
-           out: str | Path | None, emit: Callable[[str], None] | None) -> Report:
     started = time.perf_counter()
     p = plan(spec, quick=quick, arch=arch, benchmark=benchmark, options=options, only=only)
     if out is not None and Path(out).exists() and (not Path(out).is_dir()

@@ -17,14 +17,12 @@ module global) cannot carry it into a job that only reads the store.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,16 +35,6 @@ from benchmarks.methods.table import METHODS
 MODULE = "benchmarks.perf.conformance_runs"
 BATCH = 4  # images in the fixed batch
 BATCH_SEED = 0
-
-
-@contextlib.contextmanager
-def resolvable(spec: str) -> Iterator[type]:
-    """The class ``spec`` names (a registry name, an entry point or ``package.module:Class``,
-    :meth:`benchmarks.core.registry.Registry.get`), for a ``with`` block. Raises
-    :class:`~benchmarks.core.registry.PluginError` (a ``ValueError``) naming the spec for one
-    that does not import, names no attribute, or is no ``Method`` with a ``name``;
-    :class:`UnknownNameError` for a name nothing has."""
-    yield METHODS.get(spec)
 
 
 def fixed_batch(size: int) -> torch.Tensor:
@@ -121,12 +109,12 @@ class Job:
 def run_job(job: Job) -> Path:
     """The job's run, in this process (``python -m`` entry)."""
     recorded: dict[int, torch.Tensor] = {}
-    with resolvable(job.spec) as cls:
-        if job.record:
-            record_load_task(cls, fixed_batch(job.image_size), recorded)
-        if job.kill_after is not None:
-            kill_after_steps(cls, job.kill_after)
-        run_dir = run(RunConfig(**job.config))
+    cls = METHODS.get(job.spec)
+    if job.record:
+        record_load_task(cls, fixed_batch(job.image_size), recorded)
+    if job.kill_after is not None:
+        kill_after_steps(cls, job.kill_after)
+    run_dir = run(RunConfig(**job.config))
     if job.record:
         torch.save(recorded, job.record)
     return run_dir

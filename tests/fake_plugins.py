@@ -13,6 +13,10 @@ from benchmarks.data import BENCHMARKS
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import ARCHS
 
+# The run flags of the plugin tests' tiny runs (one smoke task of the synthetic benchmark).
+TINY = ["--benchmark", "synthetic", "--protocol", "smoke", "--tasks", "1", "--bench-opt",
+        "size=16", "--deterministic"]
+
 # Finetune under another name (a real method: it trains, stores, and its formula holds), and
 # every kind of object a spec may wrongly name.
 METHOD_MODULE = '''
@@ -61,6 +65,15 @@ def write_method_module(folder: Path, module: str, name: str = "tiny-ft") -> Pat
     path = folder / f"{module}.py"
     path.write_text(METHOD_MODULE.format(name=name))
     return path
+
+
+def method_site(tmp_path: Path, monkeypatch, module: str) -> Path:
+    """``tmp_path/site``, first on ``sys.path`` for the test, holding method module
+    ``module`` (:func:`write_method_module`)."""
+    folder = tmp_path / "site"
+    write_method_module(folder, module)
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
 
 
 def write_distribution(folder: Path, dist: str, version: str, top_level: list[str],

@@ -89,6 +89,27 @@ def assert_learned(accuracies: pd.Series) -> None:
         f"bars: each task >= {LEARNS_TASK_BAR}, mean >= {LEARNS_MEAN_BAR}", values.to_dict())
 
 
+def final_accuracies(run_dir: Path, num_tasks: int) -> pd.Series:
+    """Each task's accuracy (fraction, by task name) from the store after the run's last
+    task; asserts there is one per task."""
+    from benchmarks.core.results import load_rows
+
+    df = load_rows(run_dir)
+    final = df[(df.metric == "accuracy") & (df.after_task == num_tasks - 1)]
+    assert len(final) == num_tasks, final
+    return final.set_index("task_name").value
+
+
+def assert_stored_equals_formula(run_dir: Path, method_cls: type):
+    """The run's store equals ``method_cls.memory_formula`` (its architecture, class counts
+    and options) blob by blob, shared and per task; returns the formula (a Breakdown)."""
+    from benchmarks.perf.conformance_diff import run_memory
+
+    formula, stored = run_memory(method_cls, run_dir)
+    assert stored == formula  # every blob, shared and per task
+    return formula
+
+
 def learn_split_digits(method: str, out: Path, num_tasks: int = 5,
                        size: int = DIGITS_TEST_SIZE) -> Path:
     """One seed of ``method`` on split_digits (quick protocol, no pretraining) at

@@ -8,13 +8,17 @@ import torch
 
 from baselines.aqd import AQD, RECIPES, QuantBank, QuantConv
 from benchmarks.core.protocols import resolve_protocol
-from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.training import PhaseSpec, fit
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.models.archs import Pretrained
-from tests.fakes import assert_learned, learn_split_digits
+from tests.fakes import (
+    assert_learned,
+    assert_stored_equals_formula,
+    final_accuracies,
+    learn_split_digits,
+)
 
 CPU = torch.device("cpu")
 DIGITS_TASKS = 5  # every split_digits task, as the issue asks
@@ -88,18 +92,12 @@ def test_learns_split_digits_from_the_store(digits_run):
     """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%), at 32 px.
     Measured 2026-12-03, per run the lowest task / the mean (seed / ATEN_CPU_CAPABILITY /
     threads): 93.2/98.6% (1993/avx2/1), 95.8/98.8% (1994/default/1)."""
-    df = load_rows(digits_run)
-    final = df[(df.metric == "accuracy") & (df.after_task == DIGITS_TASKS - 1)]
-    assert len(final) == DIGITS_TASKS
-    assert_learned(final.set_index("task_name").value)
+    assert_learned(final_accuracies(digits_run, DIGITS_TASKS))
 
 
 @pytest.mark.slow
 def test_stored_bytes_equal_the_formula_by_blob(digits_run):
-    store = ArtifactStore(digits_run / "artifacts")
-    formula = AQD.memory_formula("resnet18", [2] * DIGITS_TASKS,
-                                 AQD.resolve_options("split_digits", {}))
-    assert store.breakdown() == formula  # every blob, shared and per task
+    assert_stored_equals_formula(digits_run, AQD)
 
 
 # -- the reference's rules, by hand (aim-uofa/model-quantization, QTool) -----------------

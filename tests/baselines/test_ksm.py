@@ -9,7 +9,6 @@ import torch
 
 from baselines.ksm import KSM, SOFT_NORMS, KernelMaskedConv, MultiplierBank
 from benchmarks.core.protocols import resolve_protocol
-from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
 from benchmarks.engine.training import PhaseSpec, fit
@@ -17,7 +16,12 @@ from benchmarks.exec import run as cli
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.models import archs
 from benchmarks.models.archs import Pretrained
-from tests.fakes import assert_learned, learn_split_digits
+from tests.fakes import (
+    assert_learned,
+    assert_stored_equals_formula,
+    final_accuracies,
+    learn_split_digits,
+)
 
 # KSM's own quick setting (option quick_epochs=8) applies: with quick's 4 epochs on a random
 # frozen backbone, digits_89 measured 75.4%.
@@ -153,19 +157,13 @@ def test_learns_split_digits_from_the_store(digits_run):
     """Bars: tests/fakes.py ``assert_learned`` (each task >= 65%, mean >= 85%). Measured
     2026-12-03, per run the lowest task / the mean (seed / ATEN_CPU_CAPABILITY / threads):
     97.5/99.2% (1993/avx2/1), 97.5/99.3% (1994/default/1)."""
-    df = load_rows(digits_run)
-    final = df[(df.metric == "accuracy") & (df.after_task == DIGITS_TASKS - 1)]
-    assert len(final) == DIGITS_TASKS
-    assert_learned(final.set_index("task_name").value)
+    assert_learned(final_accuracies(digits_run, DIGITS_TASKS))
 
 
 @pytest.mark.slow
 def test_stored_bytes_equal_the_formula_by_blob(digits_run):
-    store = ArtifactStore(digits_run / "artifacts")
-    formula = KSM.memory_formula("resnet18", [2] * DIGITS_TASKS,
-                                 KSM.resolve_options("split_digits", {}))
-    assert store.breakdown() == formula  # every blob, shared and per task
-    assert store.total_bytes() == formula.total()
+    formula = assert_stored_equals_formula(digits_run, KSM)
+    assert ArtifactStore(digits_run / "artifacts").total_bytes() == formula.total()
 
 
 @pytest.mark.slow

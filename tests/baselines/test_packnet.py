@@ -24,7 +24,11 @@ from benchmarks.engine.training import PhaseSpec, fit
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.models import archs
 from benchmarks.models.archs import Pretrained
-from tests.fakes import assert_learned, learn_split_digits
+from tests.fakes import (
+    assert_learned,
+    assert_stored_equals_formula,
+    learn_split_digits,
+)
 
 DIGITS_TASKS = 5  # every split_digits task, as the issue asks
 
@@ -127,10 +131,7 @@ def test_learns_split_digits_without_forgetting(digits_run):
 
 @pytest.mark.slow
 def test_stored_bytes_equal_the_formula_by_blob(digits_run):
-    store = ArtifactStore(digits_run / "artifacts")
-    formula = PackNet.memory_formula("resnet18", [2] * DIGITS_TASKS,
-                                     PackNet.resolve_options("split_digits", {}))
-    assert store.breakdown() == formula  # every blob, shared and per task
+    formula = assert_stored_equals_formula(digits_run, PackNet)
     assert DIGITS_TASKS == 5 and formula.shared["owners"] == 11_166_912 * 3 // 8  # ids 0..5
 
 

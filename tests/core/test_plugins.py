@@ -18,14 +18,14 @@ from benchmarks.exec import run as cli
 from benchmarks.exec import status
 from benchmarks.methods.table import METHODS
 from tests.fake_plugins import (
+    TINY,
     fresh_registries,
+    method_site,
     set_version,
     write_distribution,
     write_method_module,
 )
 
-TINY = ["--benchmark", "synthetic", "--protocol", "smoke", "--tasks", "1", "--bench-opt",
-        "size=16", "--deterministic"]
 MOD = "p24plug_methods"
 EP_MOD = "p24plug_ep"
 DIST = "p24plug-fake-dist"
@@ -39,10 +39,7 @@ def _fresh():
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     """A site folder on sys.path with the plugin module :data:`MOD`."""
-    folder = tmp_path / "site"
-    write_method_module(folder, MOD)
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
+    return method_site(tmp_path, monkeypatch, MOD)
 
 
 @pytest.fixture

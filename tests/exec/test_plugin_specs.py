@@ -14,15 +14,15 @@ import pytest
 from benchmarks.core.results import load_rows
 from benchmarks.exec import run as cli
 from tests.fake_plugins import (
+    TINY,
     fresh_registries,
+    method_site,
     raising_module,
     write_distribution,
     write_method_module,
 )
 
 REPO = Path(__file__).resolve().parent.parent.parent
-TINY = ["--benchmark", "synthetic", "--protocol", "smoke", "--tasks", "1", "--bench-opt",
-        "size=16", "--deterministic"]
 MOD = "p24plug_cli"
 
 
@@ -33,12 +33,10 @@ def _fresh():
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    folder = tmp_path / "site"
-    write_method_module(folder, MOD)
+    folder = method_site(tmp_path, monkeypatch, MOD)
     raising_module(folder, MOD + "_raises")
     write_distribution(folder, "p24plug-cli-dist", "0.3", [], {"nws_bench.methods": [
         "p24-broken = p24plug_absent:Thing"]})
-    monkeypatch.syspath_prepend(str(folder))
     return folder
 
 

@@ -13,7 +13,6 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from benchmarks.core.protocols import resolve_protocol
-from benchmarks.core.registry import Entry
 from benchmarks.core.results import load_rows
 from benchmarks.core.store import ArtifactStore
 from benchmarks.data import BENCHMARKS
@@ -23,7 +22,12 @@ from benchmarks.exec import run as cli
 from benchmarks.methods.contract import MethodContext, TaskInfo
 from benchmarks.methods.table import METHODS
 from benchmarks.models.archs import Pretrained
-from tests.fakes import assert_learned, learn_split_digits
+from tests.fakes import (
+    assert_learned,
+    assert_stored_equals_formula,
+    final_accuracies,
+    learn_split_digits,
+)
 
 probe = pytest.importorskip(
     "nws_linear_probe", reason="the example package is not installed: pip install -e "
@@ -31,28 +35,6 @@ probe = pytest.importorskip(
 LinearProbe = probe.LinearProbe
 MODULE_PATH = "nws_linear_probe:LinearProbe"
 ENTRY_POINT = "linear-probe"
-
-
-def _unsupported(spec: str) -> str | None:
-    """Why the registry cannot resolve ``spec`` yet (module paths and entry points are
-    issue 24's registry work), or None."""
-    try:
-        METHODS.get(spec)
-    except Exception as err:  # any failure means: not supported here yet
-        return f"the registry does not resolve {spec!r} yet ({type(err).__name__}: {err})"
-    return None
-
-
-@pytest.fixture(scope="module")
-def spec():
-    """The spec a run names the probe by: its module path where the registry resolves it,
-    else the class registered in this process under its entry point name (removed after)."""
-    if _unsupported(MODULE_PATH) is None:
-        yield MODULE_PATH
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(METHODS._entries, ENTRY_POINT, Entry(ENTRY_POINT, LinearProbe, "test"))
-        yield ENTRY_POINT
 
 
 def _probe(bn: str = "task") -> LinearProbe:
@@ -138,8 +120,6 @@ def test_backbone_is_bit_identical_after_a_task_and_the_store_rebuilds_it(tmp_pa
 
 
 def test_runs_through_the_module_path(tmp_path):
-    if why := _unsupported(MODULE_PATH):
-        pytest.skip(why)
     out = run(RunConfig(method=MODULE_PATH, benchmark="synthetic", protocol="smoke",
                         num_tasks=1, out=str(tmp_path), benchmark_options={"size": 16},
                         progress=False))
@@ -152,8 +132,6 @@ def test_runs_through_the_module_path(tmp_path):
 
 
 def test_runs_through_the_entry_point_name(tmp_path, capsys):
-    if why := _unsupported(ENTRY_POINT):
-        pytest.skip(why)
     assert METHODS.get(ENTRY_POINT) is LinearProbe
     assert cli.main(["--list"]) == 0
     assert ENTRY_POINT in capsys.readouterr().out
@@ -168,8 +146,8 @@ DIGITS_TASKS = 2
 
 
 @pytest.fixture(scope="module")
-def digits_run(spec, tmp_path_factory):
-    return learn_split_digits(spec, tmp_path_factory.mktemp("probe"), DIGITS_TASKS)
+def digits_run(tmp_path_factory):
+    return learn_split_digits(MODULE_PATH, tmp_path_factory.mktemp("probe"), DIGITS_TASKS)
 
 
 @pytest.mark.slow
@@ -178,16 +156,11 @@ def test_learns_split_digits_from_the_store(digits_run):
     random backbone (split_digits' default, pretrained none). Measured 2026-12-03 on the 2-core
     dev machine under load (seed 1993, 1 thread, 16x16): bn=task 100/97.5% on digits_01/23
     (all five tasks: 100/97.5/97.5/98.3/88.1%); bn=frozen, all five: 98.3/95.0/96.7/99.2/94.9%."""
-    df = load_rows(digits_run)
-    final = df[(df.metric == "accuracy") & (df.after_task == DIGITS_TASKS - 1)]
-    assert len(final) == DIGITS_TASKS
-    assert_learned(final.set_index("task_name").value)
+    assert_learned(final_accuracies(digits_run, DIGITS_TASKS))
 
 
 @pytest.mark.slow
 def test_stored_bytes_equal_the_formula_by_blob(digits_run):
-    store = ArtifactStore(digits_run / "artifacts")
-    formula = LinearProbe.memory_formula("resnet18", [2] * DIGITS_TASKS,
-                                         LinearProbe.resolve_options("split_digits", {}))
-    assert store.breakdown() == formula  # every blob, shared and per task
-    assert store.total_bytes() == CONV_BYTES + DIGITS_TASKS * (BN_BYTES + _head(2))
+    assert_stored_equals_formula(digits_run, LinearProbe)
+    assert ArtifactStore(digits_run / "artifacts").total_bytes() == (
+        CONV_BYTES + DIGITS_TASKS * (BN_BYTES + _head(2)))
